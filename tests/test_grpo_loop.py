@@ -1,0 +1,254 @@
+"""The training loop for real, on CPU: distributed equality, weight sync, checkpoints, resume, SIGTERM, errors.
+
+A tiny random Llama with SmolLM2's tokenizer keeps these fast; one test runs the embedded model itself.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data", "arith", "--target", "exact", "--target-min", "4", "--target-max", "12", "--max-new-tokens", "8",
+        "--prompts-per-step", "4", "--group-size", "2", "--minibatches", "2", "--lr", "1e-3", "--tokens-per-microbatch",
+        "96", "--max-prompt-tokens", "256", "--engine", "hf"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, embedded_model_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def _torchrun(nproc: int, args: list[str], timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "grpo.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((ckpt / "model").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _episodes():
+    from grpo import Episode
+
+    g = torch.Generator().manual_seed(3)
+    eps = []
+    for i in range(8):
+        prompt = torch.randint(5, 200, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        resp = torch.randint(5, 200, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+        eps.append(Episode(prompt, resp, 0.0, float(torch.randn(1, generator=g)), None))
+    return eps
+
+
+def _update_worker(rank, world, port, model_dir, out_file):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import model as M
+    from grpo import parse_args, update_policy
+
+    di = M.init_distributed()
+    cfg = parse_args(["--lr", "1e-2", "--minibatches", "2", "--tokens-per-microbatch", "24", "--kl-coef", "0.1",
+                      "--entropy-coef", "0.01", "--tis-cap", "0"])
+    policy = M.shard_model(M.load_model(model_dir), mixed_precision=False)
+    ref = M.shard_model(M.load_model(model_dir), mixed_precision=False)
+    ref.requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
+    # Perturb the reference so the KL term is not zero at the start.
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(0.9)
+    eps = _episodes()[rank::world]
+    stats = update_policy(policy, ref, opt, eps, cfg, di, packed=False)
+    full = {k: v.clone() for k, v in M.iter_full_state_dict(policy)}
+    if rank == 0:
+        torch.save({"weights": full, "grad_norm": stats["grad_norm"]}, out_file)
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
+    """An update on 8 fixed episodes: 2 ranks x 4 episodes == 1 rank x 8 episodes (same mini-batches), with
+    uneven micro-batch counts across ranks (token budget 24), KL to a reference, entropy, 2 optimizer steps."""
+    import torch.multiprocessing as mp
+
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    mp.spawn(_update_worker, args=(1, _free_port(), tiny_model_dir, str(one)), nprocs=1)
+    mp.spawn(_update_worker, args=(2, _free_port(), tiny_model_dir, str(two)), nprocs=2)
+    a, b = torch.load(one), torch.load(two)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    start = _weights_of(tiny_model_dir)
+    moved = 0
+    for name, w in a["weights"].items():
+        assert torch.allclose(w, b["weights"][name], atol=2e-6, rtol=1e-4), name
+        moved += not torch.equal(w, start[name])
+    assert moved == len(a["weights"])  # every tensor was updated
+
+
+def _weights_of(model_dir):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in Path(model_dir).glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def test_weight_sync_engine_uses_new_weights(tiny_model_dir):
+    """After an update and a push, the engine's log-probs of a generation equal the trained policy's."""
+    import model as M
+    import rollout
+    from grpo import Episode, parse_args, update_policy
+
+    di = M.init_distributed()
+    cfg = parse_args(["--lr", "5e-2", "--minibatches", "1", "--kl-coef", "0", "--entropy-coef", "0"])
+    policy = M.shard_model(M.load_model(tiny_model_dir), mixed_precision=False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr)
+    engine = rollout.HFEngine(tiny_model_dir, device="cpu")
+    sampling = rollout.SamplingConfig(temperature=0.6, max_new_tokens=10, seed=1)
+    prompt = [[11, 12, 13, 14]]
+
+    def engine_vs_policy():
+        c = engine.generate(prompt, 1, sampling)[0][0]
+        with torch.no_grad():
+            lp, _ = M.response_logprobs(policy, [prompt[0] + c.token_ids], [4], temperature=0.6, packed=False)
+        return torch.tensor(c.logprobs), lp, c.token_ids
+
+    before_engine, before_policy, ids = engine_vs_policy()
+    assert torch.allclose(before_engine, before_policy, atol=1e-4)
+    update_policy(policy, None, opt, [Episode(prompt[0], ids, 1.0, 1.0, None), Episode(prompt[0], ids[:3], 0.0, -1.0, None)],
+                  cfg, di, packed=False)
+    stale_engine = torch.tensor(engine.generate(prompt, 1, sampling)[0][0].logprobs)
+    engine.load_weights(M.iter_full_state_dict(policy))
+    after_engine, after_policy, _ = engine_vs_policy()
+    assert torch.allclose(after_engine, after_policy, atol=1e-4)  # the engine now samples from the new policy
+    assert not torch.allclose(stale_engine, after_policy[: len(stale_engine)], atol=1e-3)  # and it did change
+
+
+def test_resume_matches_uninterrupted_run_two_processes(tiny_model_dir, tmp_path):
+    """torchrun with 2 CPU processes: 4 steps straight == 2 steps, stop, --resume to 4 (weights and metrics)."""
+    common = [*TINY, "--model", tiny_model_dir, "--save-every", "2", "--seed", "7"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = _torchrun(2, [*common, "--steps", "4", "--out", str(a)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(2, [*common, "--steps", "2", "--out", str(b)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(2, [*common, "--steps", "4", "--out", str(b), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "step_000002" in r.stderr
+
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["step"] for m in ma] == [1, 2, 3, 4] and [m["step"] for m in mb] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):
+        for k in ("reward", "accuracy", "response_len", "rel_len_dev", "kl", "clip_frac", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+    wa, wb = _weights(a / "checkpoints" / "step_000004"), _weights(b / "checkpoints" / "step_000004")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    assert not torch.equal(wa["model.embed_tokens.weight"], _weights_of(tiny_model_dir)["model.embed_tokens.weight"])
+    state = json.loads((b / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["world_size"] == 2
+
+
+def test_sigterm_saves_and_exits(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "500",
+           "--save-every", "1000", "--out", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and _metrics(out)):
+        time.sleep(0.5)
+        assert p.poll() is None, p.communicate()[1][-3000:]
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=240)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "SIGTERM: saved step" in stdout
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    last = _metrics(out)[-1]["step"]
+    assert [c.name for c in ckpts] == [f"step_{last:06d}"] and last < 500
+
+
+def test_real_run_on_embedded_model_writes_loadable_checkpoint(embedded_model_dir, tmp_path):
+    """The README's main job, shrunk to one step: real generations from SmolLM2, a real update, a checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "smol"
+    cmd = [sys.executable, str(ROOT / "grpo.py"), "--preset", "smollm2-cpu", "--steps", "1", "--prompts-per-step", "2",
+           "--group-size", "2", "--max-new-tokens", "24", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (m,) = _metrics(out)
+    assert m["step"] == 1 and 1 <= m["response_len"] <= 24 and m["kl"] >= 0
+    for key in ("reward", "accuracy", "rel_len_dev", "clip_frac", "entropy", "grad_norm", "time_generate", "time_train",
+                "time_sync", "time_score"):
+        assert key in m
+    ckpt = out / "checkpoints" / "step_000001" / "model"
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt)
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir)
+    diff = sum((a - b).abs().sum().item() for a, b in zip(loaded.parameters(), base.parameters()))
+    assert diff > 0  # trained weights, not a copy of the start
+    assert json.loads((out / "config.json").read_text())["model"]["model"] == "smollm2"
+
+
+def test_resume_errors_are_clear(tiny_model_dir, tmp_path):
+    base = [sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "2", "--resume"]
+    r = subprocess.run([*base, "--out", str(tmp_path / "empty")], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "no complete checkpoint under" in r.stderr
+
+    bad = tmp_path / "bad" / "checkpoints" / "step_000001"
+    (bad / "model").mkdir(parents=True)
+    (bad / "model" / "model.safetensors").write_bytes(b"not a safetensors file")
+    (bad / "state.json").write_text(json.dumps({"step": 1}))
+    r = subprocess.run([*base, "--out", str(tmp_path / "bad")], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "cannot resume from checkpoint" in r.stderr and "step_000001" in r.stderr
+
+    r = subprocess.run([*base[:-1], "--target", "sometimes"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "--target" in r.stderr

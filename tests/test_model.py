@@ -1,0 +1,285 @@
+"""model.py: chunked log-probs vs the naive full softmax, packing vs padding, FSDP2 (world 1 and 2, gloo),
+full state dict, HF checkpoints, micro-batches, and the embedded SmolLM2 model."""
+import copy
+import random
+import re
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+import model as M
+
+SEQS = [[1, 5, 7, 9, 11, 3, 4], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22], [3, 3, 3], [7, 8, 9, 10, 11]]
+PROMPT_LENS = [2, 5, 1, 4]  # different prompt lengths; sequence 3 has a single response token
+N_RESPONSE = sum(len(s) - p for s, p in zip(SEQS, PROMPT_LENS))
+
+
+def tiny_model(kind: str = "llama", seed: int = 0):
+    """A random 2-layer model: llama ties lm_head to the embeddings (like SmolLM2), qwen2 does not."""
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    if kind == "llama":
+        config = LlamaConfig(tie_word_embeddings=True, **common)
+    else:
+        config = Qwen2Config(tie_word_embeddings=False, **common)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def naive_logprobs(model, sequences, prompt_lens, temperature=1.0):
+    """One sequence at a time through the ordinary forward, full float32 log_softmax over [L, V]."""
+    logps, ents = [], []
+    for seq, p in zip(sequences, prompt_lens):
+        logits = model(torch.tensor([seq])).logits[0].float() / temperature  # [L, V]
+        logp_all = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t + 1
+        logps.append(logp_all.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)[p - 1:])
+        ents.append(-(logp_all.exp() * logp_all).sum(-1)[p - 1:])
+    return torch.cat(logps), torch.cat(ents)
+
+
+def grads(model) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, param in model.named_parameters():
+        g = param.grad
+        out[M.hf_name(name)] = g.full_tensor() if isinstance(g, DTensor) else g
+    return out
+
+
+@pytest.fixture
+def world1():
+    """A single-process gloo group (what init_distributed does without torchrun), torn down afterwards."""
+    info = M.init_distributed()
+    yield info
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 2048])
+def test_chunked_matches_naive(kind, chunk_size):
+    model = tiny_model(kind)
+    ref_lp, ref_ent = naive_logprobs(model, SEQS, PROMPT_LENS, temperature=0.7)
+    for packed in (True, False):
+        lp, ent = M.response_logprobs(model, SEQS, PROMPT_LENS, temperature=0.7, packed=packed,
+                                      with_entropy=True, chunk_size=chunk_size)
+        assert lp.shape == ent.shape == (N_RESPONSE,) and lp.dtype == torch.float32
+        torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+    lp, ent = M.response_logprobs(model, SEQS, PROMPT_LENS, packed=True, chunk_size=chunk_size)
+    assert ent is None
+    torch.testing.assert_close(lp, naive_logprobs(model, SEQS, PROMPT_LENS)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_position_ids_are_detected_by_transformers():
+    """The evidence behind packed=True on sdpa: masking_utils splits the row at position-id restarts,
+    and without that split (a plain all-ones mask) later sequences would see earlier ones."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    _, _, position_ids, _, _ = M._build_inputs(SEQS, PROMPT_LENS, packed=True)
+    seq_ids = find_packed_sequence_indices(position_ids)
+    expected = torch.cat([torch.full((len(s),), i) for i, s in enumerate(SEQS)])
+    assert torch.equal(seq_ids[0], expected)
+    model = tiny_model()
+    input_ids, _, position_ids, gather_index, targets = M._build_inputs(SEQS, PROMPT_LENS, packed=True)
+    with torch.no_grad():
+        leaky = model(input_ids=input_ids, position_ids=position_ids,
+                      attention_mask=torch.ones_like(input_ids)).logits[0].log_softmax(-1)
+        leaky = leaky[gather_index].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        lp, _ = M.response_logprobs(model, SEQS, PROMPT_LENS, packed=True)
+    first = len(SEQS[0]) - PROMPT_LENS[0]
+    torch.testing.assert_close(leaky[:first], lp[:first])  # the first sequence sees nothing else anyway
+    assert not torch.allclose(leaky[first:], lp[first:], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_packed_and_padded_give_same_logprobs_and_gradients(kind):
+    torch.manual_seed(1)
+    weights, ent_weights = torch.randn(N_RESPONSE), torch.randn(N_RESPONSE)
+    results = []
+    for packed in (True, False):
+        model = tiny_model(kind)
+        lp, ent = M.response_logprobs(model, SEQS, PROMPT_LENS, temperature=0.6, packed=packed,
+                                      with_entropy=True, chunk_size=4)
+        ((lp * weights).sum() + (ent * ent_weights).sum()).backward()
+        results.append((lp.detach(), ent.detach(), grads(model)))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
+    torch.testing.assert_close(lp_a, lp_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_a, ent_b, atol=1e-5, rtol=1e-5)
+    assert g_a.keys() == g_b.keys()
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gradients_flow_and_no_grad_path_matches():
+    model = tiny_model()
+    lp, _ = M.response_logprobs(model, SEQS, PROMPT_LENS, packed=True, chunk_size=2)
+    lp.sum().backward()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        lp_ng, _ = M.response_logprobs(model, SEQS, PROMPT_LENS, packed=True, chunk_size=2)
+    assert not lp_ng.requires_grad
+    torch.testing.assert_close(lp_ng, lp.detach())
+
+
+def test_prefers_packing_only_with_flash_attention():
+    model = tiny_model()
+    assert not M.prefers_packing(model)
+    model.config._attn_implementation = "flash_attention_2"
+    assert M.prefers_packing(model)
+
+
+def test_bad_inputs_raise():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="sequence 1: prompt_len 9"):
+        M.response_logprobs(model, [[1, 2], [1, 2, 3]], [1, 9], packed=True)
+    with pytest.raises(ValueError, match="temperature"):
+        M.response_logprobs(model, SEQS, PROMPT_LENS, packed=True, temperature=0.0)
+
+
+def check_sharded(model_kind, activation_checkpointing, tmp_path=None, rank=0):
+    """Shard a copy of a tiny model; logprobs, gradients and the full state dict must match the copy."""
+    reference = tiny_model(model_kind)
+    sharded = M.shard_model(copy.deepcopy(reference), activation_checkpointing=activation_checkpointing)
+    for packed in (True, False):
+        lp, ent = M.response_logprobs(sharded, SEQS, PROMPT_LENS, packed=packed, with_entropy=True,
+                                      chunk_size=3, temperature=0.8)
+        ref_lp, ref_ent = M.response_logprobs(reference, SEQS, PROMPT_LENS, packed=packed,
+                                              with_entropy=True, chunk_size=3, temperature=0.8)
+        torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+        (lp.sum() + ent.sum()).backward()
+        (ref_lp.sum() + ref_ent.sum()).backward()
+    g_sharded, g_ref = grads(sharded), grads(reference)  # every rank used the same data: mean = one grad
+    assert g_sharded.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_sharded[name], g_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # the old/ref log-prob path on a sharded model
+        lp_ng, _ = M.response_logprobs(sharded, SEQS, PROMPT_LENS, packed=True)
+        torch.testing.assert_close(lp_ng, M.response_logprobs(reference, SEQS, PROMPT_LENS, packed=True)[0])
+    full = list(M.iter_full_state_dict(sharded))
+    expected = reference.state_dict()
+    assert sorted(n for n, _ in full) == sorted(expected)
+    for name, tensor in full:
+        assert torch.equal(tensor, expected[name]), name
+    if tmp_path is not None:
+        M.save_hf_checkpoint(sharded, None, tmp_path / "ckpt", rank=rank)
+
+
+def test_sharded_world1(world1):
+    assert (world1.rank, world1.world_size) == (0, 1)
+    check_sharded("qwen2", activation_checkpointing=False)
+    check_sharded("llama", activation_checkpointing=True)
+
+
+def test_sharded_mixed_precision_bf16_runs(world1):
+    reference = tiny_model()
+    sharded = M.shard_model(copy.deepcopy(reference), mixed_precision=True)
+    lp, _ = M.response_logprobs(sharded, SEQS, PROMPT_LENS, packed=True)
+    lp.sum().backward()
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp, M.response_logprobs(reference, SEQS, PROMPT_LENS, packed=True)[0],
+                               atol=0.05, rtol=0.05)
+    assert all(t.dtype == torch.float32 for _, t in M.iter_full_state_dict(sharded))  # fp32 master
+    assert all(t.dtype == torch.bfloat16 for _, t in M.iter_full_state_dict(sharded, torch.bfloat16))
+
+
+def _worker(rank, world_size, port, tmp_path):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = M.init_distributed()
+    assert (info.rank, info.world_size) == (rank, world_size)
+    try:
+        check_sharded("llama", activation_checkpointing=True, tmp_path=tmp_path, rank=rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_world2_gloo(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    expected = tiny_model("llama").state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_save_hf_checkpoint_roundtrip(tmp_path, kind):
+    model = tiny_model(kind)
+    M.save_hf_checkpoint(model, None, tmp_path / "ckpt", rank=0)
+    M.save_hf_checkpoint(model, None, tmp_path / "ckpt", rank=0)  # overwriting an existing one works
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp dirs left behind
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.tie_word_embeddings == (kind == "llama")
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_make_microbatches():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 300) for _ in range(57)] + [900]
+    groups = M.make_microbatches(lengths, 512)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert sum(lengths[i] for i in g) <= 512 or len(g) == 1
+        assert g == sorted(g)
+    assert [57] in groups  # the oversize sequence alone
+    assert groups == M.make_microbatches(lengths, 512)
+    assert M.make_microbatches([], 10) == []
+    assert M.make_microbatches([5, 5, 5], 10) == [[0, 1], [2]]
+    with pytest.raises(ValueError):
+        M.make_microbatches([1], 0)
+
+
+def test_resolve_model_paths(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        M.resolve_model(str(missing))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.resolve_model(str(tmp_path))
+    assert M.resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # hub ids pass through
+
+
+def test_model_flops_per_token():
+    config = tiny_model().config
+    n = 2 * (64 * 64 + 2 * 64 * 2 * 16 + 64 * 64 + 3 * 64 * 128) + 64 * 128
+    assert M.model_flops_per_token(config, seq_len=100) == 6 * n + 12 * 2 * 64 * 100
+
+
+def test_embedded_model_roundtrip(embedded_model_dir, tmp_path):
+    """The converted GGUF loads as a tied Llama with its ChatML template; a bf16 save loads back."""
+    tokenizer = M.load_tokenizer(embedded_model_dir)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    model = M.load_model(embedded_model_dir)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert getattr(model.config, "quantization_config", None) is None
+    ids = tokenizer(prompt + "The answer to this classic math problem is 4.<|im_end|>")["input_ids"]
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    with torch.no_grad():
+        lp, _ = M.response_logprobs(model, [ids], [n_prompt], packed=True)
+        torch.testing.assert_close(lp, naive_logprobs(model, [ids], [n_prompt])[0], atol=1e-4, rtol=1e-4)
+    assert lp.mean() > -1.2  # its own greedy answer: a garbled conversion would score near log(1/V)
+    M.save_hf_checkpoint(model, tokenizer, tmp_path / "ckpt", rank=0, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16)), name
+    reloaded_tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert reloaded_tok.chat_template == tokenizer.chat_template
+    assert reloaded_tok.eos_token == tokenizer.eos_token

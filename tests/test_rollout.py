@@ -1,0 +1,435 @@
+"""rollout.py: HFEngine on the embedded SmolLM2 and on tiny random models, the vLLM weight-name contract
+(checked against a replica of vLLM 0.32.0's loader), the VLLMEngine push path on a fake LLM, and (GPU + vllm only)
+the real VLLMEngine."""
+import importlib.util
+from collections import defaultdict
+
+import pytest
+import torch
+
+import rollout
+from rollout import Completion, HFEngine, SamplingConfig, VLLMEngine, WeightSyncExtension
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+def _tiny_tokenizer(path):
+    """A 40-token word-level tokenizer (no hub access needed): <pad>=0, <eos>=1, then words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(38)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(path)
+
+
+def _tiny_model_dir(tmp_path_factory, name, seed, **cfg):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = tmp_path_factory.mktemp(name)
+    _tiny_tokenizer(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.3, bos_token_id=None, eos_token_id=1, pad_token_id=0, **cfg)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """Two tiny random Llamas with different weights (untied), and one with tied embeddings."""
+    return (_tiny_model_dir(tmp_path_factory, "tinyA", 1), _tiny_model_dir(tmp_path_factory, "tinyB", 2),
+            _tiny_model_dir(tmp_path_factory, "tinyT", 3, tie_word_embeddings=True))
+
+
+TINY_PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]  # different lengths: left padding matters
+
+
+@pytest.fixture(scope="module")
+def smol(embedded_model_dir):
+    return HFEngine(embedded_model_dir, device="cpu", batch_size=8)
+
+
+def _chat(engine, text):
+    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _teacher_forced(model, prompt, response, temperature):
+    """log_softmax(logits / T) of each response token given everything before it: [len(response)]."""
+    ids = torch.tensor([prompt + response], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float().cpu()
+    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
+
+
+def _key(groups):
+    return [[tuple(c.token_ids) for c in g] for g in groups]
+
+
+# ---------------------------------------------------------------------------------- HFEngine, real model
+
+
+def test_smollm2_sampling_shapes_stop_and_logprobs(smol):
+    prompts = [_chat(smol, "What is 2+3? Answer briefly."), _chat(smol, "Name a color.")]
+    cfg = SamplingConfig(temperature=0.7, max_new_tokens=8, seed=3)
+    out = smol.generate(prompts, 2, cfg)
+    assert len(out) == 2 and all(len(g) == 2 for g in out)
+    eos = set(smol.eos_ids)
+    assert smol.tokenizer.convert_tokens_to_ids("<|im_end|>") in eos
+    for prompt, group in zip(prompts, out):
+        for c in group:
+            assert isinstance(c, Completion) and c.finish_reason in ("stop", "length")
+            assert 1 <= len(c.token_ids) <= 8 and len(c.logprobs) == len(c.token_ids)
+            assert all(t not in eos for t in c.token_ids[:-1])
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] in eos
+            else:
+                assert len(c.token_ids) == 8 and c.token_ids[-1] not in eos
+            assert c.text == smol.tokenizer.decode(c.token_ids, skip_special_tokens=True) and c.text.strip()
+            ref = _teacher_forced(smol.model, prompt, c.token_ids, cfg.temperature)
+            torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-3, rtol=0)
+
+
+def test_smollm2_greedy_stop_and_length(smol):
+    prompt = _chat(smol, "What is 2+3? Answer briefly.")
+    (c,), = smol.generate([prompt], 1, SamplingConfig(temperature=0.0, max_new_tokens=16))
+    assert c.finish_reason == "stop" and c.token_ids[-1] in smol.eos_ids and "5" in c.text
+    ref = _teacher_forced(smol.model, prompt, c.token_ids, 1.0)  # greedy: logprobs at T = 1
+    torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-3, rtol=0)
+    (short,), = smol.generate([prompt], 1, SamplingConfig(temperature=0.0, max_new_tokens=3))
+    assert short.finish_reason == "length" and short.token_ids == c.token_ids[:3]
+
+
+def test_smollm2_seeding(smol):
+    prompt = [smol.tokenizer("My favourite colour is")["input_ids"]]
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=4, seed=11)
+    first = _key(smol.generate(prompt, 2, cfg))
+    again = _key(smol.generate(prompt, 2, cfg))  # same seed back to back: advanced, fresh samples
+    smol.generate(prompt, 1, SamplingConfig(temperature=1.0, max_new_tokens=1, seed=12))
+    replay = _key(smol.generate(prompt, 2, cfg))  # a new seed in between: (11, repeat 0) again
+    assert first != again and replay == first
+
+
+def test_smollm2_load_weights_counts_tied_and_rejects_unknown(smol, embedded_model_dir):
+    sd = smol.model.state_dict()
+    assert "lm_head.weight" in sd  # tied alias of model.embed_tokens.weight
+    assert smol.load_weights(sd.items()) == len(sd)
+    with pytest.raises(KeyError, match="model.layers.0.self_attn.qkv_proj.weight"):
+        smol.load_weights([("model.layers.0.self_attn.qkv_proj.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        smol.load_weights([("model.norm.weight", torch.zeros(3))])
+
+
+# ----------------------------------------------------------------------------------- HFEngine, tiny models
+
+
+def test_tiny_reproducible_across_engines_and_prompt_order(tiny_dirs):
+    a1, a2 = HFEngine(tiny_dirs[0], batch_size=4), HFEngine(tiny_dirs[0], batch_size=4)
+    cfg = SamplingConfig(temperature=0.8, max_new_tokens=8, seed=7)
+    out1, out2 = a1.generate(TINY_PROMPTS, 3, cfg), a2.generate(TINY_PROMPTS, 3, cfg)
+    assert _key(out1) == _key(out2) and len(out1) == 3 and all(len(g) == 3 for g in out1)
+    # greedy: the n copies agree, and each prompt's group equals that prompt generated alone (prompt order kept)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
+    together = a1.generate(TINY_PROMPTS, 2, greedy)
+    for p, group in zip(TINY_PROMPTS, together):
+        (alone,), = a1.generate([p], 1, greedy)
+        assert [c.token_ids for c in group] == [alone.token_ids] * 2
+    assert a1.generate([], 2, cfg) == []
+
+
+def test_tiny_load_weights_equals_fresh_engine(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=5)
+    b_out = HFEngine(tiny_dirs[1]).generate(TINY_PROMPTS, 2, cfg)
+    a = HFEngine(tiny_dirs[0])
+    b_sd = AutoModelForCausalLM.from_pretrained(tiny_dirs[1]).state_dict()
+    assert a.load_weights(b_sd.items()) == len(b_sd)
+    a_out = a.generate(TINY_PROMPTS, 2, cfg)
+    assert _key(a_out) == _key(b_out)
+    for ga, gb in zip(a_out, b_out):
+        for ca, cb in zip(ga, gb):
+            assert ca.finish_reason == cb.finish_reason
+            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
+    a_own = HFEngine(tiny_dirs[0]).generate(TINY_PROMPTS, 2, cfg)
+    assert _key(a_own) != _key(b_out)
+
+
+def test_tiny_tied_embeddings_scaled(tiny_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[2])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3.0)
+    model.save_pretrained(tmp_path)
+    _tiny_tokenizer(tmp_path)
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=9)
+    fresh = HFEngine(str(tmp_path)).generate(TINY_PROMPTS, 2, cfg)
+    before = HFEngine(tiny_dirs[2]).generate(TINY_PROMPTS, 2, cfg)
+    eng = HFEngine(tiny_dirs[2])
+    # the trainer sends both tied names (the state dict has both): one storage, loaded twice, consistent
+    assert eng.load_weights(model.state_dict().items()) == len(model.state_dict())
+    after = eng.generate(TINY_PROMPTS, 2, cfg)
+    assert _key(after) == _key(fresh) != _key(before)
+    assert eng.model.lm_head.weight is eng.model.model.embed_tokens.weight
+
+
+def test_make_engine(tiny_dirs):
+    eng = rollout.make_engine("hf", tiny_dirs[0], "cpu", seed=3, max_model_len=64, gpu_memory_utilization=0.3)
+    assert isinstance(eng, HFEngine) and eng.seed == 3
+    assert isinstance(rollout.make_engine("auto", tiny_dirs[0], device="cpu"), HFEngine)
+    with pytest.raises(ValueError, match="CUDA"):
+        rollout.make_engine("vllm", tiny_dirs[0], device="cpu")
+    with pytest.raises(ValueError, match="unknown engine 'sglang'"):
+        rollout.make_engine("sglang", tiny_dirs[0], device="cpu")
+
+
+def test_vllm_missing_is_a_clear_error(tiny_dirs):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ImportError, match="vllm==0.32.0"):
+        VLLMEngine(tiny_dirs[0])
+
+
+# ------------------------------------------------------------- the vLLM weight-name contract (CPU replica)
+# Replica of vLLM 0.32.0's weight-name handling, only what Llama / Qwen2 use:
+#   vllm/model_executor/models/llama.py  LlamaModel.hf_to_vllm_mapper (orig_to_new_stacked, lines 348-357),
+#     LlamaModel.load_weights (459-461: AutoWeightsLoader(self).load_weights(weights, mapper=...)),
+#     LlamaForCausalLM.load_weights (559-561: AutoWeightsLoader(self), no skip list);
+#     parameters: LlamaMLP (95-106), LlamaAttention (165-178), LlamaDecoderLayer (267-310), LlamaModel (376-395),
+#     LlamaForCausalLM (lm_head tied to embed_tokens when tie_word_embeddings).
+#   vllm/model_executor/models/qwen2.py  Qwen2Model.hf_to_vllm_mapper (325-334), qkv bias=True, o_proj/MLP no bias.
+#   vllm/model_executor/models/utils.py  WeightsMapper._map_name_with_shard (89-145: every stacked substring that
+#     matches is applied, no break), AutoWeightsLoader.REMOVE_UNUSED_ROTARY_EMBEDS_MAPPER (rotary caches -> None),
+#     tied aliases skipped but checked (_get_tied_embedding_params, _filter_skipped, _check_skipped_aliases: the
+#     canonical name must load in the same call), unexpected ".bias" ignored (load_weights), any other unknown
+#     name -> ValueError "There is no module or parameter named ..." (_load_module).
+# vLLM 0.26.0 differs only in skipping lm_head.* by prefix when tied (no same-call check).
+STACKED = {".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v"),
+           ".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)}
+ROTARY = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def vllm_param_shards(config) -> dict[str, set]:
+    """vLLM's parameters for this HF config -> the shard ids its weight loaders need to fill each one."""
+    qwen2 = config.model_type == "qwen2"
+    attn_bias = getattr(config, "attention_bias", False) or getattr(config, "bias", False)
+    qkv_bias = True if qwen2 else getattr(config, "qkv_bias", attn_bias)
+    o_bias = False if qwen2 else attn_bias
+    mlp_bias = False if qwen2 else getattr(config, "mlp_bias", False)
+    p = {"model.embed_tokens.weight": {None}, "model.norm.weight": {None}}
+    if not config.tie_word_embeddings:
+        p["lm_head.weight"] = {None}
+    for i in range(config.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        p[pre + "self_attn.qkv_proj.weight"] = {"q", "k", "v"}
+        p[pre + "self_attn.o_proj.weight"] = {None}
+        p[pre + "mlp.gate_up_proj.weight"] = {0, 1}
+        p[pre + "mlp.down_proj.weight"] = {None}
+        p[pre + "input_layernorm.weight"] = {None}
+        p[pre + "post_attention_layernorm.weight"] = {None}
+        if qkv_bias:
+            p[pre + "self_attn.qkv_proj.bias"] = {"q", "k", "v"}
+        if o_bias:
+            p[pre + "self_attn.o_proj.bias"] = {None}
+        if mlp_bias:
+            p[pre + "mlp.gate_up_proj.bias"] = {0, 1}
+            p[pre + "mlp.down_proj.bias"] = {None}
+    return p
+
+
+def vllm_load(names, config) -> dict[str, set]:
+    """One vLLM `load_weights` call on these names: vLLM parameter -> shard ids loaded; raises as vLLM would."""
+    params = vllm_param_shards(config)
+    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+    loaded, skipped_aliases = defaultdict(set), set()
+    for name in names:
+        if any(s in name for s in ROTARY):
+            continue
+        if name in aliases:
+            skipped_aliases.add(name)
+            continue
+        key, shard = name, None
+        if key.startswith("model."):  # LlamaModel / Qwen2Model apply hf_to_vllm_mapper to their own weights
+            for sub, (new, sid) in STACKED.items():
+                if sub in key:
+                    key, shard = key.replace(sub, new, 1), sid
+        if key not in params:
+            if key.endswith(".bias"):
+                continue
+            raise ValueError(f"There is no module or parameter named {key!r}")
+        loaded[key].add(shard)
+    for alias in skipped_aliases:
+        if aliases[alias] not in loaded:
+            raise ValueError(f"{alias!r} was skipped because it is tied to {aliases[alias]!r}, but it was not loaded")
+    return dict(loaded)
+
+
+def _meta_state_dict_names(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return list(AutoModelForCausalLM.from_config(config).state_dict())
+
+
+def _configs():
+    from transformers import LlamaConfig, Qwen2Config
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    return {"llama-tied": LlamaConfig(**small, tie_word_embeddings=True),
+            "llama-untied-bias": LlamaConfig(**small, tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+            "qwen2-untied": Qwen2Config(**small, tie_word_embeddings=False),
+            "qwen2-tied": Qwen2Config(**small, tie_word_embeddings=True)}
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_trainer_names_are_accepted_by_vllm_replica(name):
+    config = _configs()[name]
+    names = _meta_state_dict_names(config)
+    pushed = [n for n, _ in rollout.to_vllm_weights(((n, None) for n in names),
+                                                    tie_word_embeddings=config.tie_word_embeddings)]
+    assert ("lm_head.weight" in pushed) == (not config.tie_word_embeddings)
+    assert vllm_load(pushed, config) == vllm_param_shards(config)  # every vLLM parameter, every shard, once
+    for one in pushed:  # bucketed pushes: any single name loads on its own too
+        vllm_load([one], config)
+
+
+def test_embedded_model_names_are_accepted_by_vllm_replica(embedded_model_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(embedded_model_dir)
+    assert config.tie_word_embeddings and config.model_type == "llama"
+    names = _meta_state_dict_names(config)
+    pushed = [n for n, _ in rollout.to_vllm_weights(((n, None) for n in names), tie_word_embeddings=True)]
+    assert vllm_load(pushed, config) == vllm_param_shards(config)
+
+
+def test_vllm_replica_rejects_what_vllm_rejects():
+    config = _configs()["llama-tied"]
+    with pytest.raises(ValueError, match="no module or parameter named"):
+        vllm_load(["model.layers.0.self_attn.qkv_proj.weight_typo"], config)
+    # 0.32.0: a tied lm_head pushed without embed_tokens in the same call fails -> to_vllm_weights drops it
+    with pytest.raises(ValueError, match="tied"):
+        vllm_load(["lm_head.weight"], config)
+    assert vllm_load(["model.embed_tokens.weight", "lm_head.weight"], config) == {"model.embed_tokens.weight": {None}}
+
+
+# ------------------------------------------------------------- VLLMEngine's push path on a fake LLM (CPU)
+
+
+class _FakeVllmModel:
+    def __init__(self, config):
+        self.config, self.calls = config, []
+
+    def load_weights(self, weights):
+        names = [n for n, _ in weights]
+        self.calls.append(names)
+        return set(vllm_load(names, self.config))
+
+
+class _FakeWorker(WeightSyncExtension):
+    def __init__(self, model):
+        self.model = model
+
+    def get_model(self):
+        return self.model
+
+
+class _FakeLLM:
+    """Mimics LLM.collective_rpc in external_launcher mode: the method runs in-process on the one worker."""
+
+    def __init__(self, worker):
+        self.worker, self.log = worker, []
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
+
+    def reset_prefix_cache(self):
+        self.log.append("reset_prefix_cache")
+
+    def sleep(self, level=1):
+        self.log.append(f"sleep{level}")
+
+    def wake_up(self, tags=None):
+        self.log.append(f"wake_up{tags}")
+
+
+def _fake_engine(config, bucket_bytes):
+    eng = object.__new__(VLLMEngine)
+    model = _FakeVllmModel(config)
+    eng.llm, eng.seed, eng.bucket_bytes = _FakeLLM(_FakeWorker(model)), 0, bucket_bytes
+    eng.enable_sleep_mode, eng.tie_word_embeddings, eng._asleep = True, config.tie_word_embeddings, set()
+    return eng, model
+
+
+def test_vllm_engine_push_cycle_on_fake_llm(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    config = _configs()["llama-tied"]
+    sd = AutoModelForCausalLM.from_config(config).state_dict()
+    eng, model = _fake_engine(config, bucket_bytes=20_000)
+    eng.sleep()
+    with pytest.raises(RuntimeError, match="wake_up"):
+        eng.load_weights(sd.items())
+    with pytest.raises(RuntimeError, match="asleep"):
+        eng.generate([[1]], 1, SamplingConfig())
+    eng.wake_up(["weights"])
+    assert eng.load_weights(sd.items()) == len(sd) - 1  # tied lm_head.weight not sent
+    eng.wake_up(["kv_cache"])
+    assert eng.llm.log == ["sleep2", "wake_up['weights']", "wake_up['kv_cache']", "reset_prefix_cache"]
+    assert len(model.calls) > 1  # bucketed
+    for names in model.calls:
+        size = sum(sd[n].numel() * sd[n].element_size() for n in names)
+        assert size <= 20_000 or len(names) == 1
+    assert sorted(n for c in model.calls for n in c) == sorted(n for n in sd if n != "lm_head.weight")
+    eng.load_weights(sd.items())  # awake: a push resets the prefix cache itself
+    assert eng.llm.log[-1] == "reset_prefix_cache"
+
+
+def test_weight_buckets():
+    ws = [(str(i), torch.zeros(n)) for i, n in enumerate([10, 10, 30, 5, 5, 5])]
+    sizes = [[int(t.numel()) for _, t in b] for b in rollout.weight_buckets(ws, 4 * 20)]
+    assert sizes == [[10, 10], [30], [5, 5, 5]]
+
+
+# ---------------------------------------------------------------------------- the real VLLMEngine (GPU)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (GPU path)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="VLLMEngine needs a CUDA GPU")
+def test_vllm_engine_sleep_push_wake(embedded_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    eng = VLLMEngine(embedded_model_dir, gpu_memory_utilization=0.3, max_model_len=512, seed=0)
+    hf = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.bfloat16).cuda()
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True)]
+    prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=24)
+    before = eng.generate(prompts, 2, greedy)
+    assert before[0][0].token_ids == before[0][1].token_ids and before[0][0].logprobs is not None
+    sampled = eng.generate(prompts, 4, SamplingConfig(temperature=0.8, max_new_tokens=24, seed=1))
+    assert len(sampled[0]) == 4 and len({tuple(c.token_ids) for c in sampled[0]}) > 1
+    for c in sampled[0]:
+        assert len(c.logprobs) == len(c.token_ids) and (c.finish_reason == "stop") == (c.token_ids[-1] == 2)
+    eng.sleep()
+    eng.wake_up(["weights"])
+    assert eng.load_weights(hf.state_dict().items()) == len(hf.state_dict()) - 1
+    eng.wake_up(["kv_cache"])
+    assert _key(eng.generate(prompts, 2, greedy)) == _key(before)
+    with torch.no_grad():  # a perturbed push changes the outputs: negated final norm -> negated logits
+        hf.model.norm.weight.neg_()
+    eng.sleep()
+    eng.wake_up(["weights"])
+    eng.load_weights(hf.state_dict().items())
+    eng.wake_up()
+    assert _key(eng.generate(prompts, 2, greedy)) != _key(before)
+    eng.close()
