@@ -221,7 +221,7 @@ class TargetSampler:
 
     def __post_init__(self):
         if not (1 <= self.lo <= self.hi):
-            raise ValueError(f"bad target range lo={self.lo}, hi={self.hi} (--target-lo/--target-hi): "
+            raise ValueError(f"bad target range lo={self.lo}, hi={self.hi} (--target-min/--target-max): "
                              "need 1 <= lo <= hi")
         self._rng = random.Random(self.seed)
 
@@ -281,7 +281,7 @@ class PromptStream:
     def __init__(self, problems: list[Problem], *, mode: str = "exact", target_lo: int = 100,
                  target_hi: int = 4000, seed: int = 0):
         if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r} (--mode); expected one of {', '.join(MODES)}")
+            raise ValueError(f"unknown mode {mode!r} (--target / --mode); expected one of {', '.join(MODES)}")
         if not problems:
             raise ValueError("PromptStream: no problems (empty dataset)")
         self.problems, self.mode, self.seed = list(problems), mode, seed

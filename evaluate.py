@@ -160,7 +160,8 @@ def plot_accuracy_vs_tokens(summary: dict, path: Path) -> None:
         ax.set(title=f"{ds}: accuracy vs tokens used", xlabel="mean generated tokens per response",
                ylabel="accuracy, pass@1 (%)")
         ax.margins(x=0.12, y=0.15)
-        ax.set_ylim(bottom=0, top=min(105, max(ax.get_ylim()[1], 5)))
+        top = min(105, max(ax.get_ylim()[1], 5))
+        ax.set_ylim(bottom=-0.03 * top, top=top)  # points at 0% stay visible
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="point labels: token budget", title_fontsize=7)
     fig.tight_layout()
@@ -179,8 +180,8 @@ def plot_length_vs_target(records: list[dict], path: Path, seed: int = 0) -> Non
         recs = [r for r in records if r["dataset"] == ds]
         budgets = sorted({r["budget"] for r in recs})
         spread = 0.04 * (budgets[-1] - budgets[0] if len(budgets) > 1 else budgets[0])
-        top = max([r["n_tokens"] for r in recs] + budgets)
-        ax.plot([0, top], [0, top], "k--", lw=1, label="y = x (exact length)")
+        top, right = max([r["n_tokens"] for r in recs] + budgets), budgets[-1] * 1.15
+        ax.plot([0, right], [0, right], "k--", lw=1, label="y = x (exact length)")
         for i, name in enumerate(series):
             rs = [r for r in recs if series_name(r) == name]
             if not rs:
@@ -191,7 +192,7 @@ def plot_length_vs_target(records: list[dict], path: Path, seed: int = 0) -> Non
             means = [sum(r["n_tokens"] for r in rs if r["budget"] == b) / sum(r["budget"] == b for r in rs) for b in bs]
             ax.plot(bs, means, "o-", color=f"C{i}", ms=7, mec="k", label=f"{name} (mean)")
         ax.set(title=f"{ds}: generated vs requested length", xlabel="requested length n_gold (tokens)",
-               ylabel="generated length n_y (tokens)", xlim=(0, top * 1.05), ylim=(0, top * 1.05))
+               ylabel="generated length n_y (tokens)", xlim=(0, right), ylim=(0, top * 1.05))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -291,7 +292,7 @@ def evaluate_model(engine, tokenizer, label: str, problems: dict, cfg: EvalConfi
                                 "gold": p.answer, "n_tokens": n_y, "answer_tokens": n_ans, "finish_reason": fin,
                                 "waits": waits, "correct": bool(ok)})
             acc = sum(correct) / max(1, len(correct))
-            log(f"[{label} · {method}] {ds} budget {budget}: {len(rows)} samples, acc {acc:.3f}, "
+            log(f"[{label} · {method}] {ds} budget {budget}: rank-0 shard {len(rows)} samples, acc {acc:.3f}, "
                 f"mean tokens {sum(r[5] for r in rows) / max(1, len(rows)):.0f}, {time.time() - t0:.0f}s")
     return records
 
@@ -378,6 +379,25 @@ def write_outputs(out: Path, cfg: EvalConfig, records: list[dict], env: dict, el
     return summary
 
 
+def _architecture(model_dir: str) -> tuple | None:
+    """The shape-defining part of a local model's config.json (None for a hub name)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    c = json.loads(path.read_text())
+    keys = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    return tuple(json.dumps(c.get(k)) for k in keys)
+
+
+def _checkpoint_weights(model_dir: str):
+    """(name, tensor) pairs of a local safetensors checkpoint, file by file."""
+    from safetensors.torch import load_file
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        yield from load_file(str(f)).items()
+
+
 def main(argv=None) -> dict | None:
     cfg = parse_args(argv)
     import torch
@@ -392,15 +412,24 @@ def main(argv=None) -> dict | None:
     out = Path(cfg.out or ROOT / "runs" / f"eval-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     shard = {ds: ps[rank::world] for ds, ps in load_datasets(cfg).items()}  # rank r takes problems r::world
     methods = ([] if cfg.baseline_only else [cfg.mode]) + ([cfg.baseline] if cfg.baseline != "none" else [])
-    records, model_dirs = [], {}
+    records, model_dirs, engine, engine_arch = [], {}, None, None
     for name, label in zip(cfg.models, cfg.labels):
         model_dirs[label] = model_dir = M.resolve_model(name)
         tokenizer = M.load_tokenizer(model_dir)
-        engine = rollout.make_engine(cfg.engine, model_dir, info.device, seed=cfg.seed + rank,  # own stream per rank
-                                     batch_size=cfg.batch_size, gpu_memory_utilization=cfg.gpu_memory_utilization)
+        arch = _architecture(model_dir)
+        if engine is not None and arch is not None and arch == engine_arch:
+            # Same shapes: push the next checkpoint's weights into the live engine (vLLM allows one engine with
+            # sleep mode per process, and it is faster than building a new one).
+            engine.load_weights(_checkpoint_weights(model_dir))
+        else:
+            if engine is not None:
+                engine.close()
+            engine = rollout.make_engine(cfg.engine, model_dir, info.device, seed=cfg.seed + rank,  # own stream per rank
+                                         batch_size=cfg.batch_size, gpu_memory_utilization=cfg.gpu_memory_utilization)
+            engine_arch = arch
         for method in methods:
             records += evaluate_model(engine, tokenizer, label, shard, cfg, method, log=log)
-        engine.close()
+    engine.close()
     if world > 1:  # merge on rank 0 over gloo (CPU memory; ranks that finish early may wait long)
         group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
         parts = [None] * world if rank == 0 else None

@@ -52,6 +52,7 @@ class DataArgs:
     data: str = "agentica-org/DeepScaleR-Preview-Dataset"  # "arith[:difficulty]", a local file or a hub dataset
     question_field: str | None = None
     answer_field: str | None = None
+    skip_bad: bool = False  # drop rows with a missing/empty question or answer (counted in the log) instead of failing
     target: str = "exact"  # exact | max | mixed (L1-Max recipe) | none (plain GRPO)
     target_min: int = 100
     target_max: int = 4000
@@ -490,7 +491,8 @@ def train(cfg: Config) -> None:
 
     # Data: every rank runs the same seeded stream and takes its own slice of each global batch.
     problems = D.load_problems(cfg.data.data, question_field=cfg.data.question_field,
-                               answer_field=cfg.data.answer_field, split="train", seed=cfg.run.seed)
+                               answer_field=cfg.data.answer_field, split="train", seed=cfg.run.seed,
+                               skip_bad=cfg.data.skip_bad)
     problems = _fitting(problems, tokenizer, cfg)
     stream = D.PromptStream(problems, mode=cfg.data.target, target_lo=cfg.data.target_min,
                             target_hi=cfg.data.target_max, seed=cfg.run.seed)
@@ -537,6 +539,8 @@ def train(cfg: Config) -> None:
 
         # 5. Update the policy.
         stats = update_policy(policy, ref_policy, optimizer, episodes, cfg, di, packed)
+        if on_gpu:  # hand the trainer's cached activations back before the engine re-allocates its KV cache
+            torch.cuda.empty_cache()
         t3 = time.perf_counter()
 
         # 6. Push the new weights into the engine (a collective: every rank, same order).

