@@ -304,7 +304,7 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
     """
     import model as M
 
-    g, world = cfg.grpo, dist_info.world_size
+    g, world, dev = cfg.grpo, dist_info.world_size, dist_info.device  # collectives need tensors on dev (NCCL)
     stats = {k: 0.0 for k in ("clip_frac", "kl", "entropy", "pg_loss", "tokens", "grad_norm", "tis_mismatch")}
     stats.update(ratio_min=float("inf"), ratio_max=0.0)
     # With a single update per rollout pi_old is the current policy, so old_logp = logp.detach() exactly.
@@ -313,7 +313,7 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
 
     def micro(eps):  # micro-batches by a per-GPU token budget, the same count on every rank
         idx = M.make_microbatches([len(e.prompt_ids) + len(e.response_ids) for e in eps], cfg.model.tokens_per_microbatch)
-        n = torch.tensor([len(idx)])
+        n = torch.tensor([len(idx)], device=dev)
         if world > 1:
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
         return [[eps[i] for i in b] for b in idx] + [[] for _ in range(int(n) - len(idx))]
@@ -339,7 +339,8 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
         for k in range(g.minibatches):
             mbatch = episodes[k * per_mb:(k + 1) * per_mb]
             # Global counts of this mini-batch (all ranks), so every rank's loss has the same normalizer.
-            counts = torch.tensor([len(mbatch), sum(len(e.response_ids) for e in mbatch)], dtype=torch.float64)
+            counts = torch.tensor([len(mbatch), sum(len(e.response_ids) for e in mbatch)], dtype=torch.float64,
+                                  device=dev)
             if world > 1:
                 dist.all_reduce(counts)
             num_seqs, num_tokens = int(counts[0]), int(counts[1])
@@ -556,8 +557,8 @@ def train(cfg: Config) -> None:
             ((lengths - targets).abs() / targets.clamp(min=1)).sum(), (lengths > targets).float().sum(),
             rewards.numel(), equal_reward_groups(rewards).sum(), len(samples), stats["tokens"], stats["clip_frac"],
             stats["kl"], stats["entropy"], stats["tis_mismatch"],
-            sum(c.finish_reason == "length" for grp in completions for c in grp)], dtype=torch.float64)
-        extremes = torch.tensor([-stats["ratio_min"], stats["ratio_max"]], dtype=torch.float64)
+            sum(c.finish_reason == "length" for grp in completions for c in grp)], dtype=torch.float64, device=di.device)
+        extremes = torch.tensor([-stats["ratio_min"], stats["ratio_max"]], dtype=torch.float64, device=di.device)
         if di.world_size > 1:
             dist.all_reduce(sums)
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
@@ -577,7 +578,7 @@ def train(cfg: Config) -> None:
             pbar.update(1)
             pbar.write(_summary(metrics))
 
-        flag = torch.tensor([float(stop["flag"])])
+        flag = torch.tensor([float(stop["flag"])], device=di.device)
         if di.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if step % cfg.run.save_every == 0 or step == cfg.run.steps or flag.item():
