@@ -25,4 +25,4 @@ test: setup
 
 gpu-setup: setup
 	$(BIN)/pip install -r requirements-gpu.txt
-	$(BIN)/pip install flash-attn==2.8.3 --no-build-isolation
+	$(BIN)/pip install flash-attn==2.8.3.post2 --no-build-isolation

@@ -312,7 +312,8 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
     dummy = Episode([0], [0], 0.0, 0.0, None)
 
     def micro(eps):  # micro-batches by a per-GPU token budget, the same count on every rank
-        idx = M.make_microbatches([len(e.prompt_ids) + len(e.response_ids) for e in eps], cfg.model.tokens_per_microbatch)
+        idx = M.make_microbatches([len(e.prompt_ids) + len(e.response_ids) for e in eps],
+                                  cfg.model.tokens_per_microbatch, padded=not packed)
         n = torch.tensor([len(idx)], device=dev)
         if world > 1:
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
@@ -331,8 +332,9 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
             continue
         for mb in micro(episodes):
             lp, _ = logprobs(net, mb, grad=False)
-            for e, t in zip(mb, lp.split([len(e.response_ids) for e in mb])):
-                store[id(e)] = t
+            if mb:  # (an empty, padding micro-batch only joins the collectives)
+                for e, t in zip(mb, lp.split([len(e.response_ids) for e in mb])):
+                    store[id(e)] = t
 
     per_mb = math.ceil(len(episodes) / g.minibatches)
     for _ in range(g.epochs):

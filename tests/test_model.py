@@ -229,6 +229,16 @@ def test_save_hf_checkpoint_roundtrip(tmp_path, kind):
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
+def test_make_microbatches_padded_budget_counts_padding():
+    lengths = [100, 900, 300, 280, 50, 60, 1200, 30]
+    groups = M.make_microbatches(lengths, 1000, padded=True)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:  # rows x longest within budget, unless one sequence alone is longer
+        assert len(g) * max(lengths[i] for i in g) <= 1000 or len(g) == 1
+    assert groups == [[6], [1], [0, 2, 3], [4, 5, 7]]  # by length: 1200 | 900 | 300 280 100 | 60 50 30
+    assert M.make_microbatches([], 10, padded=True) == []
+
+
 def test_make_microbatches():
     rng = random.Random(0)
     lengths = [rng.randint(1, 300) for _ in range(57)] + [900]
