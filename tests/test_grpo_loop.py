@@ -252,3 +252,21 @@ def test_resume_errors_are_clear(tiny_model_dir, tmp_path):
     r = subprocess.run([*base[:-1], "--target", "sometimes"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "--target" in r.stderr
+
+
+@pytest.mark.parametrize("extra", [
+    ["--target", "mixed", "--kl-coef", "0", "--loss-agg", "seq-mean-token-mean", "--drop-equal-groups",
+     "--eps-high", "0.28", "--no-std-normalize", "--tis-cap", "0"],
+    ["--target", "none", "--loss-agg", "constant", "--entropy-coef", "0", "--minibatches", "1", "--packed", "on"],
+])
+def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
+    """The options the field uses (L1-Max mixed prompts, no reference model, Dr. GRPO, clip-higher, dropping
+    equal groups, plain GRPO, packed rows on CPU) run the real loop and log a step."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "1",
+                        "--out", str(out), *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (m,) = _metrics(out)
+    assert m["step"] == 1 and (m["kl"] == 0 if "--kl-coef" in extra else True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["target"] == extra[1]
