@@ -28,6 +28,11 @@ if str(ROOT) not in sys.path:  # the repo's modules (model.py, grpo.py, rollout.
 
 import torch  # noqa: E402
 
+# Qwen2-1.5B's shape (DeepSeek-R1-Distill-Qwen-1.5B / DeepScaleR, the paper's base): random weights, no download.
+QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                  rope_theta=1e6)
+
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 

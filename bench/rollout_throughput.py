@@ -24,9 +24,6 @@ import time
 import common
 import torch
 
-QWEN2_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6)
-
 
 def model_dir(args) -> str:
     """The model to serve: --model via resolve_model, or a random Qwen2-1.5B-shaped one written once to --save-dir."""
@@ -40,7 +37,7 @@ def model_dir(args) -> str:
         from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
         tok = AutoTokenizer.from_pretrained(M.resolve_model(M.EMBEDDED_MODEL))
-        cfg = Qwen2Config(**QWEN2_15B, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+        cfg = Qwen2Config(**(common.QWEN2_1_5B | dict(vocab_size=len(tok))), bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):

@@ -27,9 +27,7 @@ import common
 import torch
 
 CONFIGS = {  # random weights, built from the config (no download)
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                       max_position_embeddings=32768, rope_theta=1e6),
+    "qwen2-1.5b": common.QWEN2_1_5B,
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True,
                  max_position_embeddings=32768, rope_theta=1e6),
@@ -44,17 +42,6 @@ def workload(args):
     prompts = [max(1, round(rng.randint(100, 300) * s)) for _ in range(args.num_seqs)]
     responses = [max(1, round(rng.randint(100, 4000) * s)) for _ in range(args.num_seqs)]
     return prompts, responses
-
-
-def sorted_groups(lengths: list[int], budget: int) -> list[list[int]]:
-    """Longest first, consecutive groups while (rows) * (longest row) <= budget: padded rows fit the budget."""
-    groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 def measure(variant: str, args) -> dict:
@@ -83,7 +70,8 @@ def measure(variant: str, args) -> dict:
     seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
     adv = torch.randn(len(seqs), generator=gen)
     budget = args.tokens_per_microbatch
-    groups = sorted_groups(lengths, budget) if variant == "padded-sorted" else M.make_microbatches(lengths, budget)
+    # padded-sorted: rows x longest within the budget, what the trainer does for padded batches
+    groups = M.make_microbatches(lengths, budget, padded=variant == "padded-sorted")
     num_tokens = sum(resp_lens)
 
     def step():
