@@ -26,6 +26,8 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WRAPPER_SEGMENTS = {"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"}
 _LOGPROB_METHOD = "lcpo_token_logprobs"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TORCH_VARLEN = "torch_varlen"  # our transformers attention function over torch.nn.attention.varlen (below)
+VARLEN_IMPLEMENTATIONS = ("flash_attention_2", TORCH_VARLEN)  # packed rows run as varlen calls, no mask
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -113,23 +115,94 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(name_or_path: str, *, dtype=torch.float32, device="cpu", attn_implementation=None):
-    """Causal LM on `device`. Default attention: flash_attention_2 on GPU when flash-attn is installed
-    (packed rows become varlen calls), else sdpa (packed rows get a block-diagonal mask, correct but O(T^2))."""
+    """Causal LM on `device`. Default attention on GPU: flash-attn's varlen kernel (flash_attention_2) when the
+    package is installed, else PyTorch's own varlen flash kernel (`torch_varlen`); both run packed rows without
+    padding. On CPU: sdpa (packed rows would get a block-diagonal mask, correct but O(T^2))."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     has_fa = importlib.util.find_spec("flash_attn") is not None
     if attn_implementation is None:
-        attn_implementation = "flash_attention_2" if device.type == "cuda" and has_fa else "sdpa"
+        attn_implementation = "sdpa" if device.type != "cuda" else "flash_attention_2" if has_fa else TORCH_VARLEN
     if attn_implementation == "flash_attention_2" and not has_fa:
         raise ImportError(
             "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed: "
-            "pip install flash-attn --no-build-isolation (or use attn_implementation='sdpa')"
+            "pip install flash-attn --no-build-isolation (or use attn_implementation='torch_varlen' or 'sdpa')"
         )
+    if attn_implementation == TORCH_VARLEN:
+        register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(name_or_path), dtype=dtype, attn_implementation=attn_implementation
     )
     return model.to(device)
+
+
+def _segment_attention(q, k, v, cu_seqlens, scale):
+    """Reference varlen kernel: causal SDPA per segment. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
+    Used where torch's flash kernel does not run (CPU), and by the tests as the ground truth."""
+    out = []
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                              enable_gqa=qs.shape[0] != ks.shape[0])
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None,
+                             position_ids=None, **kwargs):
+    """transformers attention function for packed rows, over `torch.nn.attention.varlen.varlen_attn`
+    (PyTorch's own FlashAttention-2 varlen kernel, CUDA, torch >= 2.10), so packing needs no flash-attn package.
+
+    query [1, Hq, T, D], key/value [1, Hkv, T, D] (one packed row) -> ([1, T, Hq, D], None), the layout
+    transformers' attention functions return. Sequence boundaries come from `cu_seq_lens_q` [N + 1] int32 (what
+    `response_logprobs` passes) or else from `position_ids` restarting at 0. Causal within each sequence.
+    A batch of several rows (the padded layout) goes to causal sdpa, which is exact for right padding: no real
+    token sits after a pad. Training forwards only: no KV cache, no left padding (those raise).
+    """
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"{TORCH_VARLEN} attention is for training forwards without a KV cache "
+                         f"(query {query.shape[2]} vs key {key.shape[2]} positions); generate with sdpa")
+    if query.shape[0] > 1 or attention_mask is not None:
+        if attention_mask is not None and not bool((attention_mask.int().cummin(-1).values == attention_mask.int()).all()):
+            raise ValueError(f"{TORCH_VARLEN} attention takes packed rows or right-padded batches, "
+                             "not left padding; use attn_implementation='sdpa' for that")
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling)
+    if dropout:
+        raise ValueError(f"{TORCH_VARLEN} attention has no dropout (got {dropout})")
+    if cu_seq_lens_q is None:
+        cu_seq_lens_q, max_length_q = cu_seqlens_from_positions(position_ids[0])
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        # window_size=(-1, 0) means causal (torch 2.13 torch/nn/attention/varlen.py varlen_attn)
+        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, int(max_length_q), int(max_length_q),
+                          scale=scaling, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+    else:
+        out = _segment_attention(q, k, v, cu_seq_lens_q, scaling)
+    return out.unsqueeze(0), None  # [1, T, Hq, D]
+
+
+def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[T] positions restarting at 0 per sequence -> (cumulative lengths [N + 1] int32, longest length)."""
+    starts = torch.nonzero(position_ids == 0).flatten()
+    ends = torch.cat([starts, starts.new_tensor([position_ids.numel()])])
+    return ends.to(torch.int32), int(ends.diff().max())
+
+
+def register_varlen_attention() -> None:
+    """Make attn_implementation="torch_varlen" known to transformers (idempotent). Its mask function is
+    flash-attn's: no [T, T] mask is ever built, only the 2D padding mask is passed on when a row has padding."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(TORCH_VARLEN, varlen_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(TORCH_VARLEN, flash_attention_mask)
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -215,12 +288,16 @@ def _chunk_logprobs(hidden, head: nn.Module, targets, temperature: float, with_e
     return logp, entropy
 
 
-def _token_logprobs(self, input_ids, attention_mask, position_ids, gather_index, targets,
+def _token_logprobs(self, input_ids, attention_mask, position_ids, cu_seqlens, max_len, gather_index, targets,
                     temperature: float, with_entropy: bool, chunk_size: int):
     """Runs on the (possibly FSDP-root) causal LM; registered as an FSDP forward method so the root's
     hooks all-gather embeddings/norm/lm_head around it and hook backward, like a real forward would."""
+    varlen = {}
+    if cu_seqlens is not None and self.config._attn_implementation in VARLEN_IMPLEMENTATIONS:
+        # sequence boundaries computed once per forward instead of once per layer from position_ids
+        varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_len, max_length_k=max_len)
     out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, use_cache=False)
+                             position_ids=position_ids, use_cache=False, **varlen)
     hidden = out.last_hidden_state  # [B, L, H]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather_index)  # [N, H]
     head = self.get_output_embeddings()
@@ -266,10 +343,12 @@ def _build_inputs(sequences, prompt_lens, packed: bool):
         gather.append(torch.arange(base + p - 1, base + n - 1))
         offset += n
     targets = torch.tensor([t for s, p in zip(sequences, prompt_lens) for t in s[p:]], dtype=torch.long)
-    if packed:  # [1, T]; position_ids restart at 0 per sequence, no mask -> HF detects the packing
+    cu_seqlens = None
+    if packed:  # [1, T]; position_ids restart at 0 per sequence, no mask (sdpa: HF detects the packing)
         input_ids = torch.tensor([[t for s in sequences for t in s]], dtype=torch.long)
         position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
         attention_mask = None
+        cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # [N + 1]
     else:  # [B, Lmax], right padded
         input_ids = torch.zeros(len(sequences), row, dtype=torch.long)
         attention_mask = torch.zeros(len(sequences), row, dtype=torch.long)
@@ -277,7 +356,7 @@ def _build_inputs(sequences, prompt_lens, packed: bool):
             input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
             attention_mask[i, :len(s)] = 1
         position_ids = torch.arange(row).unsqueeze(0).expand(len(sequences), -1)
-    return input_ids, attention_mask, position_ids, torch.cat(gather), targets
+    return input_ids, attention_mask, position_ids, cu_seqlens, max(lengths), torch.cat(gather), targets
 
 
 def response_logprobs(model: nn.Module, sequences: list[list[int]], prompt_lens: list[int], *,
@@ -301,15 +380,15 @@ def response_logprobs(model: nn.Module, sequences: list[list[int]], prompt_lens:
     if getattr(model, "_lcpo_logprob_fsdp", None) is not isinstance(model, FSDPModule):
         _attach_logprob_method(model)  # first call, or the model was sharded outside shard_model
     device = next(model.parameters()).device
-    tensors = [t if t is None else t.to(device) for t in _build_inputs(sequences, prompt_lens, packed)]
+    tensors = [t.to(device) if isinstance(t, torch.Tensor) else t for t in _build_inputs(sequences, prompt_lens, packed)]
     return getattr(model, _LOGPROB_METHOD)(*tensors, temperature, with_entropy, chunk_size)
 
 
 def prefers_packing(model: nn.Module) -> bool:
-    """packed=True pays off only with flash-attention's varlen kernel; with sdpa the packed row gets a dense
-    [T, T] block mask (measured on an H100, Qwen2-1.5B shape, 16k tokens: padded 0.9 s vs packed 1.45 s
-    per forward+backward), so padded batches are the better default there."""
-    return getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+    """packed=True pays off only with a varlen kernel (flash-attn's or torch's); with sdpa the packed row gets
+    a dense [T, T] block mask (measured on an H100, Qwen2-1.5B shape, 16k tokens: padded 0.9 s vs packed
+    1.45 s per forward+backward), so padded batches are the better default there."""
+    return getattr(model.config, "_attn_implementation", None) in VARLEN_IMPLEMENTATIONS
 
 
 def make_microbatches(lengths: list[int], token_budget: int, *, padded: bool = False) -> list[list[int]]:

@@ -9,7 +9,9 @@ No optimizer step. Lengths follow the paper: prompts U[100, 300], responses U[10
   padded-sorted  sorted by length, consecutive groups with B * Lmax <= budget (how much of packing's gain is
                  just less padding)
   packed-flex    packed with attn_implementation="flex_attention" (block-sparse BlockMask from the packed
-                 position_ids: a real packed kernel on a GPU without flash-attn; no backward on CPU)
+                 position_ids; no backward on CPU)
+--attn auto is what the trainer loads (model.load_model): on CUDA flash_attention_2 when flash-attn is installed,
+else torch_varlen (PyTorch's own varlen flash kernel, model.varlen_attention_forward); sdpa on CPU.
 MFU = sum_i len_i * model.model_flops_per_token(config, len_i) / time / peak, real tokens only
 (model_flops_per_token already counts forward + backward: 6N + 12 * layers * d_attn * seq_len).
 
@@ -53,7 +55,10 @@ def measure(variant: str, args) -> dict:
     packed = variant.startswith("packed")
     attn = "flex_attention" if variant == "packed-flex" else args.attn
     if attn == "auto":
-        attn = "flash_attention_2" if dev.startswith("cuda") and importlib.util.find_spec("flash_attn") else "sdpa"
+        attn = "sdpa" if not dev.startswith("cuda") else \
+            "flash_attention_2" if importlib.util.find_spec("flash_attn") else M.TORCH_VARLEN
+    if attn == M.TORCH_VARLEN:
+        M.register_varlen_attention()
     if attn == "flex_attention":
         torch._dynamo.config.cache_size_limit = 64  # one compile per distinct micro-batch shape
     torch.manual_seed(args.seed)
@@ -92,7 +97,7 @@ def measure(variant: str, args) -> dict:
     computed = real if packed else sum(len(g) * max(lengths[i] for i in g) for g in groups)
     flops = sum(n * M.model_flops_per_token(cfg, n) for n in lengths)
     peak = common.peak_tflops(dev, args.peak_tflops)
-    mask = {"flash_attention_2": "varlen (no mask)", "flex_attention": "BlockMask (block-sparse)"}.get(
+    mask = {"flash_attention_2": "varlen (no mask)", M.TORCH_VARLEN: "varlen (no mask)", "flex_attention": "BlockMask (block-sparse)"}.get(
         cfg._attn_implementation, "dense block-diagonal [T,T]") if packed else "padding mask"
     return {"variant": variant, "attn": cfg._attn_implementation, "mask": mask, "packed": packed,
             "tokens": real, "response_tokens": num_tokens, "computed_tokens": computed,
@@ -110,8 +115,8 @@ def main():
     p.add_argument("--num-seqs", type=int, default=None, help="sequences per timed iteration (default 32 on cuda, 16 on cpu)")
     p.add_argument("--len-scale", type=float, default=None, help="length multiplier (default 1 on cuda, 0.05 on cpu)")
     p.add_argument("--tokens-per-microbatch", type=int, default=None, help="default 16384 on cuda, 1024 on cpu")
-    p.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"],
-                   help="attention of the packed/padded variants (auto: flash_attention_2 if installed, else sdpa)")
+    p.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "torch_varlen", "sdpa", "flex_attention", "eager"],
+                   help="attention of the packed/padded variants (auto: as the trainer loads it, see above)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's peak (bf16 dense)")

@@ -18,7 +18,7 @@ PROMPT_LENS = [2, 5, 1, 4]  # different prompt lengths; sequence 3 has a single 
 N_RESPONSE = sum(len(s) - p for s, p in zip(SEQS, PROMPT_LENS))
 
 
-def tiny_model(kind: str = "llama", seed: int = 0):
+def tiny_model(kind: str = "llama", seed: int = 0, attn: str = "sdpa"):
     """A random 2-layer model: llama ties lm_head to the embeddings (like SmolLM2), qwen2 does not."""
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
@@ -26,8 +26,10 @@ def tiny_model(kind: str = "llama", seed: int = 0):
         config = LlamaConfig(tie_word_embeddings=True, **common)
     else:
         config = Qwen2Config(tie_word_embeddings=False, **common)
+    if attn == M.TORCH_VARLEN:
+        M.register_varlen_attention()
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
 
 
 def naive_logprobs(model, sequences, prompt_lens, temperature=1.0):
@@ -80,12 +82,12 @@ def test_packed_position_ids_are_detected_by_transformers():
     and without that split (a plain all-ones mask) later sequences would see earlier ones."""
     from transformers.masking_utils import find_packed_sequence_indices
 
-    _, _, position_ids, _, _ = M._build_inputs(SEQS, PROMPT_LENS, packed=True)
+    _, _, position_ids, _, _, _, _ = M._build_inputs(SEQS, PROMPT_LENS, packed=True)
     seq_ids = find_packed_sequence_indices(position_ids)
     expected = torch.cat([torch.full((len(s),), i) for i, s in enumerate(SEQS)])
     assert torch.equal(seq_ids[0], expected)
     model = tiny_model()
-    input_ids, _, position_ids, gather_index, targets = M._build_inputs(SEQS, PROMPT_LENS, packed=True)
+    input_ids, _, position_ids, _, _, gather_index, targets = M._build_inputs(SEQS, PROMPT_LENS, packed=True)
     with torch.no_grad():
         leaky = model(input_ids=input_ids, position_ids=position_ids,
                       attention_mask=torch.ones_like(input_ids)).logits[0].log_softmax(-1)
@@ -96,13 +98,16 @@ def test_packed_position_ids_are_detected_by_transformers():
     assert not torch.allclose(leaky[first:], lp[first:], atol=1e-3)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", M.TORCH_VARLEN])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_packed_and_padded_give_same_logprobs_and_gradients(kind):
+def test_packed_and_padded_give_same_logprobs_and_gradients(kind, attn):
+    """Packed rows through `attn` (sdpa: block-diagonal mask; torch_varlen: cu_seqlens, here with the
+    per-segment CPU kernel) against the padded sdpa batch."""
     torch.manual_seed(1)
     weights, ent_weights = torch.randn(N_RESPONSE), torch.randn(N_RESPONSE)
     results = []
     for packed in (True, False):
-        model = tiny_model(kind)
+        model = tiny_model(kind, attn=attn if packed else "sdpa")
         lp, ent = M.response_logprobs(model, SEQS, PROMPT_LENS, temperature=0.6, packed=packed,
                                       with_entropy=True, chunk_size=4)
         ((lp * weights).sum() + (ent * ent_weights).sum()).backward()
@@ -128,11 +133,61 @@ def test_gradients_flow_and_no_grad_path_matches():
     torch.testing.assert_close(lp_ng, lp.detach())
 
 
-def test_prefers_packing_only_with_flash_attention():
+def test_prefers_packing_only_with_a_varlen_kernel():
     model = tiny_model()
     assert not M.prefers_packing(model)
+    assert M.prefers_packing(tiny_model(attn=M.TORCH_VARLEN))
     model.config._attn_implementation = "flash_attention_2"
     assert M.prefers_packing(model)
+
+
+def test_torch_varlen_gets_sequence_boundaries_once_and_handles_batches(monkeypatch):
+    """response_logprobs hands the kernel the packed row's cu_seqlens (no [T, T] mask anywhere); a right-padded
+    batch runs as causal sdpa and matches sdpa with its padding mask; left padding and a KV cache raise."""
+    seen = []
+    real = M._segment_attention
+    monkeypatch.setattr(M, "_segment_attention", lambda q, k, v, cu, scale: seen.append(cu) or real(q, k, v, cu, scale))
+    model = tiny_model("qwen2", attn=M.TORCH_VARLEN)
+    lp, _ = M.response_logprobs(model, SEQS, PROMPT_LENS, packed=True)
+    bounds = [0] + list(torch.tensor([len(s) for s in SEQS]).cumsum(0))
+    assert len(seen) == 2 and all(cu.dtype == torch.int32 and cu.tolist() == bounds for cu in seen)  # 2 layers
+    torch.testing.assert_close(lp, naive_logprobs(tiny_model("qwen2"), SEQS, PROMPT_LENS)[0], atol=1e-5, rtol=1e-5)
+    padded, _ = M.response_logprobs(model, SEQS, PROMPT_LENS, packed=False)
+    torch.testing.assert_close(padded, lp, atol=1e-5, rtol=1e-5)
+    # without cu_seqlens (a plain forward with restarting position_ids) the boundaries come from the positions
+    input_ids, _, position_ids, _, _, gather_index, targets = M._build_inputs(SEQS, PROMPT_LENS, packed=True)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, position_ids=position_ids).logits[0].log_softmax(-1)
+    torch.testing.assert_close(logits[gather_index].gather(-1, targets[:, None])[:, 0], lp, atol=1e-5, rtol=1e-5)
+    assert seen[-1].tolist() == bounds
+    left = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="not left padding"):
+        model(input_ids=left, attention_mask=(left > 0).long())
+    with pytest.raises(ValueError, match="without a KV cache"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen flash kernel needs a CUDA GPU")
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_torch_varlen_kernel_matches_reference_on_gpu(heads):
+    """The CUDA branch (torch.nn.attention.varlen.varlen_attn) against per-segment causal sdpa, bf16, with GQA,
+    forward and backward."""
+    hq, hkv = heads
+    torch.manual_seed(0)
+    lengths = [7, 130, 1, 64, 300]
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
+    T = sum(lengths)
+    q = torch.randn(1, hq, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, hkv, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, hkv, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, _ = M.varlen_attention_forward(None, q, k, v, None, scaling=0.125, cu_seq_lens_q=cu, max_length_q=300)
+    ref = M._segment_attention(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, 0.125).unsqueeze(0)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(out)
+    grads_out = torch.autograd.grad(out, (q, k, v), g)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads_out, grads_ref):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
 
 
 def test_bad_inputs_raise():
