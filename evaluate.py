@@ -58,6 +58,7 @@ class EvalConfig:
     bf_max_waits: int = 100
     bf_answer_tokens: int = 32
     bf_cue: str = BF_CUE
+    last_number_fallback: bool = False  # grade a response without \boxed{} by its last number
 
     def max_new(self, budget: int) -> int:
         return self.max_new_tokens or (8192 if self.mode == "max" else 2 * budget)
@@ -285,7 +286,7 @@ def evaluate_model(engine, tokenizer, label: str, problems: dict, cfg: EvalConfi
                     rows += [(i, p, prompt, k, c.text, len(c.token_ids), 0, c.finish_reason, 0)
                              for k, c in enumerate(cs)]
             correct = rewards.grade([r[4] for r in rows], [r[1].answer for r in rows],
-                                    [r[1].multiple_choice for r in rows])
+                                    [r[1].multiple_choice for r in rows], last_number_fallback=cfg.last_number_fallback)
             for (i, p, prompt, k, text, n_y, n_ans, fin, waits), ok in zip(rows, correct):
                 records.append({"model": label, "method": method, "dataset": ds, "problem_id": p.id, "problem_index": i,
                                 "sample": k, "budget": budget, "target": target, "prompt": prompt, "response": text,
@@ -325,6 +326,8 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--bf-max-waits", type=int, default=100)
     p.add_argument("--bf-answer-tokens", type=int, default=32)
     p.add_argument("--bf-cue", default=BF_CUE)
+    p.add_argument("--last-number-fallback", action="store_true",
+                   help="grade a response without \\boxed{} by its last number (for models that never box)")
     a = p.parse_args(argv)
     labels = a.labels or [Path(m.rstrip("/")).name for m in a.model]
     if len(labels) != len(a.model) or len(set(labels)) != len(labels):

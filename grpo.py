@@ -83,6 +83,7 @@ class GRPOArgs:
     alpha_max: float = 0.001
     delta_max: float = 0.5
     tis_cap: float = 2.0  # truncated importance sampling cap (engine vs trainer log-probs); 0 = off
+    last_number_fallback: bool = False  # grade a response without \boxed{} by its last number (small models)
 
 
 @dataclass
@@ -283,7 +284,7 @@ def compute_rewards(samples, completions, cfg: Config) -> tuple[torch.Tensor, to
 
     flat = [(s, c) for s, group in zip(samples, completions) for c in group]
     correct = R.grade([c.text for _, c in flat], [s.problem.answer for s, _ in flat],
-                      [s.problem.multiple_choice for s, _ in flat])
+                      [s.problem.multiple_choice for s, _ in flat], last_number_fallback=cfg.grpo.last_number_fallback)
     scores, lengths = [], []
     for (s, c), ok in zip(flat, correct):
         n_y = len(c.token_ids)

@@ -102,6 +102,21 @@ def extract_answer(response: str) -> str | None:
     return None
 
 
+_LAST_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+
+
+def last_number(response: str) -> str | None:
+    """The last number of the response (after the first </think>), thousands separators dropped, a trailing
+    `.` ignored: the GSM8K-style "flexible" answer for a model that does not write \\boxed{}. Looks at the
+    last 2,000 characters only, so its cost is bounded."""
+    if not isinstance(response, str):
+        return None
+    cut = response.find("</think>")
+    text = (response[cut + len("</think>"):] if cut >= 0 else response)[-2000:]
+    found = _LAST_NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
 # ------------------------------------------------------------------------------------------- normalization
 _UNWRAP = ("\\text", "\\textbf", "\\textit", "\\mathrm", "\\mathbf", "\\mbox", "\\operatorname", "\\boxed")
 _REMOVE = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "~", "\\$", "$",
@@ -332,8 +347,10 @@ atexit.register(_SYMBOLIC._kill)
 
 # ------------------------------------------------------------------------------------------------ grading
 def grade(responses: list[str], golds: list[str], multiple_choice: list[bool] | bool = False,
-          timeout: float = 5.0) -> list[bool]:
-    """Correctness of each response against its gold answer. Never raises; each item costs <= ~timeout."""
+          timeout: float = 5.0, last_number_fallback: bool = False) -> list[bool]:
+    """Correctness of each response against its gold answer. Never raises; each item costs <= ~timeout.
+    last_number_fallback: a response without \\boxed{} is graded by its last number (off by default, as in
+    the reference; for small models that never box their answer)."""
     n = len(responses)
     if len(golds) != n:
         raise ValueError(f"rewards.grade: {n} responses but {len(golds)} gold answers")
@@ -346,6 +363,8 @@ def grade(responses: list[str], golds: list[str], multiple_choice: list[bool] | 
                 out[i] = gold_letter is not None and _mc_answer(resp) == gold_letter
                 continue
             pred = extract_answer(resp)
+            if pred is None and last_number_fallback:
+                pred = last_number(resp)
             gold_n, pred_n = normalize_answer(str(gold)), normalize_answer(pred)
             if gold_n is None or pred_n is None:
                 continue

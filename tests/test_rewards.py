@@ -118,6 +118,26 @@ def test_multiple_choice(response, gold, expected):
     assert is_correct(response, gold, multiple_choice=True) is expected
 
 
+@pytest.mark.parametrize("response, expected", [
+    ("So, the answer is 20.", "20"),
+    ("6 - 4 = 2\n\nThe final answer is 2.", "2"),
+    ("She has 1,234 coins and spends -3.5", "-3.5"),
+    ("Total: 12,500 dollars.", "12500"),
+    ("<think>I guess 7</think> The answer is 9", "9"),
+    ("no digits here", None),
+    ("", None),
+])
+def test_last_number(response, expected):
+    assert rewards.last_number(response) == expected
+
+
+def test_last_number_fallback_only_when_asked_and_only_without_boxed():
+    responses = ["So, the answer is 20.", "So, the answer is 20.", "\\boxed{19} then 20", "I think 1,000"]
+    golds = ["20", "19", "20", "1000"]
+    assert grade(responses, golds) == [False, False, False, False]
+    assert grade(responses, golds, last_number_fallback=True) == [True, False, False, True]  # \boxed wins
+
+
 def test_grade_mixed_flags_and_length_check():
     assert grade([r"\boxed{A}", r"\boxed{4}"], ["A", "4"], [True, False]) == [True, True]
     with pytest.raises(ValueError, match="responses"):
