@@ -59,6 +59,7 @@ class EvalConfig:
     bf_answer_tokens: int = 32
     bf_cue: str = BF_CUE
     last_number_fallback: bool = False  # grade a response without \boxed{} by its last number
+    merge: list[str] | None = None      # only combine these earlier --out dirs into one table and plot
 
     def max_new(self, budget: int) -> int:
         return self.max_new_tokens or (8192 if self.mode == "max" else 2 * budget)
@@ -326,6 +327,8 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--bf-max-waits", type=int, default=100)
     p.add_argument("--bf-answer-tokens", type=int, default=32)
     p.add_argument("--bf-cue", default=BF_CUE)
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="generate nothing: combine the samples.jsonl of "
+                   "earlier runs (e.g. the base model, then a checkpoint) into one table and plot in --out")
     p.add_argument("--last-number-fallback", action="store_true",
                    help="grade a response without \\boxed{} by its last number (for models that never box)")
     a = p.parse_args(argv)
@@ -401,8 +404,33 @@ def _checkpoint_weights(model_dir: str):
         yield from load_file(str(f)).items()
 
 
+def merge_outputs(cfg: EvalConfig, argv: list[str]) -> dict:
+    """--merge: records of earlier runs, in the given order, re-summarized over the union of their budgets."""
+    records, runs = [], []
+    for d in cfg.merge:
+        path = Path(d) / "samples.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"--merge: {path} does not exist (an evaluate.py --out dir has samples.jsonl)")
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        clash = {r["model"] for r in recs} & {r["model"] for r in records}
+        if clash:
+            raise SystemExit(f"--merge: model label(s) {sorted(clash)} of {d} already come from an earlier dir")
+        records += recs
+        meta = Path(d) / "results.json"
+        runs.append({"dir": str(d), **({k: v for k, v in json.loads(meta.read_text()).items() if k != "summary"}
+                                       if meta.is_file() else {})})
+    cfg.budgets = sorted({r["budget"] for r in records})
+    cfg.labels = list(dict.fromkeys(r["model"] for r in records))
+    out = Path(cfg.out or ROOT / "runs" / f"eval-merged-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    summary = write_outputs(out, cfg, records, {"merged_from": runs, "argv": argv}, 0.0)
+    print(format_table(summary, cfg.budgets))
+    return summary
+
+
 def main(argv=None) -> dict | None:
     cfg = parse_args(argv)
+    if cfg.merge:
+        return merge_outputs(cfg, sys.argv[1:] if argv is None else list(argv))
     import torch
     import model as M
     import rollout

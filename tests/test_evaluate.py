@@ -205,6 +205,28 @@ def test_plots_written(tmp_path):
         assert blob[:8] == PNG and len(blob) > 8_000, (name, len(blob))
 
 
+def test_merge_combines_separate_runs(tmp_path):
+    """The base model evaluated once, a checkpoint later: --merge gives one table over both, budgets united."""
+    base = [rec(n, c, 100, model="base", pid=f"p{i}") for i, (n, c) in enumerate([(150, False), (250, True)])]
+    tuned = [rec(n, c, b, model="tuned", pid="p0") for n, c, b in [(90, True, 100), (210, False, 200)]]
+    for name, recs in (("a", base), ("b", tuned)):
+        cfg = evaluate.parse_args(["--budgets", "100", "--out", str(tmp_path / name)])
+        evaluate.write_outputs(tmp_path / name, cfg, recs, {}, 1.0)
+    summary = evaluate.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
+    out = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert out["config"]["budgets"] == [100, 200] and out["config"]["labels"] == ["base", "tuned"]
+    assert [r["dir"] for r in out["environment"]["merged_from"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert (tmp_path / "m" / "samples.jsonl").read_text().count("\n") == 4
+    table = (tmp_path / "m" / "table.md").read_text()
+    assert "## base · exact" in table and "## tuned · exact" in table
+    assert summary["tuned · exact"]["datasets"]["d"]["budgets"][200]["rel_dev"] == pytest.approx(0.05)
+    assert out["summary"]["base · exact"]["datasets"]["d"]["budgets"]["100"]["rel_dev"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="already come from"):
+        evaluate.main(["--merge", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="samples.jsonl"):
+        evaluate.main(["--merge", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+
+
 TINY = ["--data", "arith", "--limit", "4", "--samples", "2", "--budgets", "32", "64", "--max-new-tokens", "12",
         "--engine", "hf", "--seed", "1"]
 
