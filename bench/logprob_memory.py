@@ -64,7 +64,7 @@ def measure(variant: str, args) -> dict:
         fn = lambda: naive_logprobs(hidden, head.weight, targets)  # noqa: E731
     else:
         c = int(variant.split("-")[1])
-        fn = lambda: M._token_logprobs(shim, None, None, None, index, targets, 1.0, False, c)[0]  # noqa: E731
+        fn = lambda: M._token_logprobs(shim, None, None, None, None, None, index, targets, 1.0, False, c)[0]  # noqa: E731
 
     def step():
         hidden.grad = head.weight.grad = None

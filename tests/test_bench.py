@@ -1,0 +1,54 @@
+"""bench/: each script runs end to end at a tiny size and writes its JSON (a smoke test that keeps the benchmarks
+working as model.py changes; their numbers live in bench/README.md, not here)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, args: list[str], tmp_path: Path) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--device", "cpu", "--warmup", "0",
+                           "--iters", "1", "--out", str(out), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "|" in proc.stdout  # the markdown table
+    return json.loads(out.read_text())
+
+
+def test_update_throughput_packed_and_padded(tmp_path):
+    res = run_bench("update_throughput", ["--num-seqs", "4", "--len-scale", "0.02", "--tokens-per-microbatch", "256",
+                                          "--variants", "packed,padded,padded-sorted"], tmp_path)
+    rows = res["results"]
+    assert set(rows) == {"packed", "padded", "padded-sorted"}
+    for r in rows.values():
+        assert r.get("error") is None and r["tokens_per_s"] > 0, r
+    assert rows["packed"]["padding_waste"] == 0 and rows["padded"]["computed_tokens"] >= rows["packed"]["tokens"]
+
+
+def test_logprob_memory_chunked_below_naive(tmp_path):
+    res = run_bench("logprob_memory", ["--tokens", "256", "--vocab", "4096", "--hidden", "32",
+                                       "--chunk-sizes", "32"], tmp_path)
+    rows = res["results"]
+    assert set(rows) == {"naive", "chunk-32"}
+    assert all(r.get("error") is None for r in rows.values()), rows
+    assert rows["chunk-32"]["analytic_reduction_vs_naive"] > 2  # measured RSS at this size is noise; the model is not
+    assert abs(rows["chunk-32"]["logp_mean"] - rows["naive"]["logp_mean"]) < 1e-4  # same numbers
+
+
+def test_rollout_throughput_hf_engine(embedded_model_dir, tmp_path):
+    res = run_bench("rollout_throughput", ["--model", embedded_model_dir, "--engines", "hf", "--num-prompts", "1",
+                                           "--samples", "2", "--prompt-len", "8", "--max-new-tokens", "4",
+                                           "--sync-repeats", "1"], tmp_path)
+    hf = res["results"]["hf"]
+    assert hf.get("error") is None and hf["tokens_per_s"] > 0 and hf["sync_s"] > 0, hf
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
