@@ -113,6 +113,11 @@ PRESETS = {
         tokens_per_microbatch=4096, steps=8, save_every=4, out="runs/smollm2-cpu",
     ),
 }
+# The CPU-sized LCPO run of results/l1-smollm2-cpu/: targets 32..128, 4 prompts x 8 responses, lr 2e-5, no KL.
+PRESETS["smollm2-lcpo-cpu"] = dict(
+    PRESETS["smollm2-cpu"], target_min=32, target_max=128, max_new_tokens=192, prompts_per_step=4, group_size=8,
+    lr=2e-5, alpha_exact=0.008, alpha_max=0.008, kl_coef=0.0, steps=40, save_every=5, out="runs/cpu-exact",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -560,15 +565,19 @@ def train(cfg: Config) -> None:
             ((lengths - targets).abs() / targets.clamp(min=1)).sum(), (lengths > targets).float().sum(),
             rewards.numel(), equal_reward_groups(rewards).sum(), len(samples), stats["tokens"], stats["clip_frac"],
             stats["kl"], stats["entropy"], stats["tis_mismatch"],
-            sum(c.finish_reason == "length" for grp in completions for c in grp)], dtype=torch.float64, device=di.device)
+            sum(c.finish_reason == "length" for grp in completions for c in grp),
+            targets.sum(), (targets ** 2).sum(), (lengths ** 2).sum(), (targets * lengths).sum(),
+        ], dtype=torch.float64, device=di.device)
         extremes = torch.tensor([-stats["ratio_min"], stats["ratio_max"]], dtype=torch.float64, device=di.device)
         if di.world_size > 1:
             dist.all_reduce(sums)
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        (r, acc, ln, dev, rel, over, n, eq, p, tok, clip, kl, ent, mis, trunc) = sums.tolist()
+        (r, acc, ln, dev, rel, over, n, eq, p, tok, clip, kl, ent, mis, trunc, sx, sxx, syy, sxy) = sums.tolist()
         tok = max(tok, 1.0)
+        corr = pearson_from_sums(n, sx, ln, sxx, syy, sxy)  # of (target, length) over the step's responses
         metrics = dict(step=step, reward=r / n, accuracy=acc / n, response_len=ln / n, abs_len_dev=dev / n,
-                       rel_len_dev=rel / n, over_target=over / n, truncated=trunc / n, equal_groups=eq / p,
+                       rel_len_dev=rel / n, len_target_corr=corr, over_target=over / n, truncated=trunc / n,
+                       equal_groups=eq / p,
                        clip_frac=clip / tok, kl=kl / tok, entropy=ent / tok, tis_mismatch=mis / tok,
                        ratio_min=-extremes[0].item(), ratio_max=extremes[1].item(), grad_norm=stats["grad_norm"],
                        time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2, time_sync=t4 - t3,
@@ -619,6 +628,14 @@ def _fitting(problems, tokenizer, cfg: Config):
     if not kept:
         raise ValueError(f"--data {cfg.data.data}: no problem fits in --max-prompt-tokens {cfg.data.max_prompt_tokens}")
     return kept
+
+
+def pearson_from_sums(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float | None:
+    """Pearson r from sums (what an all_reduce can gather): None when either variable is constant."""
+    var_x, var_y = n * sxx - sx * sx, n * syy - sy * sy
+    if var_x <= 1e-9 * max(1.0, n * sxx) or var_y <= 1e-9 * max(1.0, n * syy):
+        return None
+    return (n * sxy - sx * sy) / math.sqrt(var_x * var_y)
 
 
 def _summary(m: dict) -> str:

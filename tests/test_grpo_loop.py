@@ -186,6 +186,7 @@ def test_resume_matches_uninterrupted_run_two_processes(tiny_model_dir, tmp_path
     for x, y in zip(ma, mb):
         for k in ("reward", "accuracy", "response_len", "rel_len_dev", "kl", "clip_frac", "grad_norm"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+        assert x["len_target_corr"] == (y["len_target_corr"] and pytest.approx(y["len_target_corr"]))
     wa, wb = _weights(a / "checkpoints" / "step_000004"), _weights(b / "checkpoints" / "step_000004")
     assert wa.keys() == wb.keys()
     for k in wa:

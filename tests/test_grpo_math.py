@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from grpo import equal_reward_groups, group_advantages, parse_args, policy_loss
+from grpo import equal_reward_groups, group_advantages, parse_args, pearson_from_sums, policy_loss
 
 
 def test_group_advantages_known_group():
@@ -147,3 +147,12 @@ def test_cli_presets_and_bad_flags(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert needle in capsys.readouterr().err
+
+
+def test_pearson_from_sums_matches_numpy():
+    import numpy as np
+    x, y = np.array([32.0, 32, 64, 64, 128, 128]), np.array([40.0, 70, 66, 90, 100, 171])
+    sums = (len(x), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum())
+    assert pearson_from_sums(*sums) == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-12)
+    assert pearson_from_sums(3, 30.0, 6.0, 300.0, 14.0, 60.0) is None  # x constant (10, 10, 10)
+    assert pearson_from_sums(1, 5.0, 7.0, 25.0, 49.0, 35.0) is None
