@@ -178,14 +178,28 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         cu_seq_lens_q, max_length_q = cu_seqlens_from_positions(position_ids[0])
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     if q.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
-        # window_size=(-1, 0) means causal (torch 2.13 torch/nn/attention/varlen.py varlen_attn)
-        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, int(max_length_q), int(max_length_q),
-                          scale=scaling, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+        out = _torch_varlen(q, k, v, cu_seq_lens_q, int(max_length_q), scaling)
     else:
         out = _segment_attention(q, k, v, cu_seq_lens_q, scaling)
     return out.unsqueeze(0), None  # [1, T, Hq, D]
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None):
+    """Causal torch.nn.attention.varlen.varlen_attn across its API versions: torch 2.13 (our pin) takes
+    scale / window_size=(-1, 0) for causal / enable_gqa; torch 2.10-2.11 take is_causal only (default scale,
+    equal head counts), so there GQA heads are repeated and a non-default scale raises."""
+    import inspect
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # torch/nn/attention/varlen.py (2.13): window (-1, 0) = causal
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, window_size=(-1, 0),
+                           enable_gqa=q.shape[1] != k.shape[1])
+    if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6:
+        raise ValueError(f"this torch's varlen_attn has no scale argument; the model needs scale {scale}")
+    if q.shape[1] != k.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, is_causal=True)
 
 
 def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -167,6 +167,34 @@ def test_torch_varlen_gets_sequence_boundaries_once_and_handles_batches(monkeypa
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
 
 
+def test_torch_varlen_call_for_each_torch_api(monkeypatch):
+    """The arguments _torch_varlen passes to varlen_attn, with stand-ins of both signatures (the real kernel is
+    CUDA only): torch 2.13 (scale, window_size=(-1, 0), enable_gqa) and torch 2.10-2.11 (is_causal only)."""
+    import torch.nn.attention.varlen as V
+
+    calls = []
+
+    def new_api(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        calls.append(("new", window_size, enable_gqa, scale))
+        return M._segment_attention(q, k, v, cu_q, scale)
+
+    def old_api(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        calls.append(("old", is_causal, k.shape[1]))
+        return M._segment_attention(q, k, v, cu_q, None)
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    ref = M._segment_attention(q, k, v, cu, 8 ** -0.5)
+    for fake in (new_api, old_api):
+        monkeypatch.setattr(V, "varlen_attn", fake)
+        torch.testing.assert_close(M._torch_varlen(q, k, v, cu, 7, 8 ** -0.5), ref)
+    assert calls == [("new", (-1, 0), True, 8 ** -0.5), ("old", True, 4)]  # old API: kv heads repeated to 4
+    with pytest.raises(ValueError, match="no scale argument"):
+        M._torch_varlen(q, k, v, cu, 7, 0.5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen flash kernel needs a CUDA GPU")
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
 def test_torch_varlen_kernel_matches_reference_on_gpu(heads):
