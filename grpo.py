@@ -116,7 +116,7 @@ PRESETS = {
 # The CPU-sized LCPO run of results/l1-smollm2-cpu/: targets 32..128, 4 prompts x 8 responses, lr 2e-5, no KL.
 PRESETS["smollm2-lcpo-cpu"] = dict(
     PRESETS["smollm2-cpu"], target_min=32, target_max=128, max_new_tokens=192, prompts_per_step=4, group_size=8,
-    lr=2e-5, alpha_exact=0.008, alpha_max=0.008, kl_coef=0.0, steps=40, save_every=5, out="runs/cpu-exact",
+    lr=2e-5, alpha_exact=0.008, alpha_max=0.008, kl_coef=0.0, steps=45, save_every=5, out="runs/cpu-exact",
 )
 
 
