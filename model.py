@@ -6,7 +6,9 @@ materializing float32 [B, L, V] logits (V is 150k for Qwen: that tensor alone wo
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 import re
 import shutil
@@ -184,15 +186,19 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     return out.unsqueeze(0), None  # [1, T, Hq, D]
 
 
+@functools.lru_cache(maxsize=None)
+def _has_window_size(fn) -> bool:
+    """Whether this torch's varlen_attn has the 2.13 API (window_size); inspected once per function, not per layer."""
+    return "window_size" in inspect.signature(fn).parameters
+
+
 def _torch_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None):
     """Causal torch.nn.attention.varlen.varlen_attn across its API versions: torch 2.13 (our pin) takes
     scale / window_size=(-1, 0) for causal / enable_gqa; torch 2.10-2.11 take is_causal only (default scale,
     equal head counts), so there GQA heads are repeated and a non-default scale raises."""
-    import inspect
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:  # torch/nn/attention/varlen.py (2.13): window (-1, 0) = causal
+    if _has_window_size(varlen_attn):  # torch/nn/attention/varlen.py (2.13): window (-1, 0) = causal
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, window_size=(-1, 0),
                            enable_gqa=q.shape[1] != k.shape[1])
     if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6:

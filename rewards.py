@@ -73,12 +73,17 @@ def _brace_content(text: str, open_pos: int) -> str | None:
     return None
 
 
+def _final_part(response: str) -> str:
+    """The text after the first </think>, or the whole response when there is none."""
+    cut = response.find("</think>")
+    return response[cut + len("</think>"):] if cut >= 0 else response
+
+
 def extract_answer(response: str) -> str | None:
     """The last brace-matched \\boxed{...} / \\fbox{...} (or `\\boxed 5`) after the first </think>, else None."""
     if not isinstance(response, str):
         return None
-    cut = response.find("</think>")
-    text = response[cut + len("</think>"):] if cut >= 0 else response
+    text = _final_part(response)
     end, tries = len(text), 0
     while tries < MAX_BOXED_TRIES:
         b, f = text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end)
@@ -111,8 +116,7 @@ def last_number(response: str) -> str | None:
     last 2,000 characters only, so its cost is bounded."""
     if not isinstance(response, str):
         return None
-    cut = response.find("</think>")
-    text = (response[cut + len("</think>"):] if cut >= 0 else response)[-2000:]
+    text = _final_part(response)[-2000:]
     found = _LAST_NUMBER.findall(text)
     return found[-1].replace(",", "") if found else None
 
@@ -203,8 +207,7 @@ def _mc_letter(text: str | None) -> str | None:
 def _mc_answer(response: str) -> str | None:
     letter = _mc_letter(extract_answer(response))
     if letter is None:
-        cut = response.find("</think>")
-        tail = (response[cut + len("</think>"):] if cut >= 0 else response)[-MC_TAIL_CHARS:]
+        tail = _final_part(response)[-MC_TAIL_CHARS:]
         found = re.findall(r"\b([A-D])\b", tail)
         letter = found[-1] if found else None
     return letter
