@@ -228,6 +228,11 @@ class TargetSampler:
     def sample(self) -> int:
         return self._rng.randint(self.lo, self.hi)
 
+    def sample_spread(self, k: int) -> list[int]:
+        """`k` targets, one uniform draw in each of k equal slices of [lo, hi] (k=1 is `sample()`)."""
+        width = self.hi - self.lo + 1
+        return [self._rng.randint(self.lo + j * width // k, self.lo + (j + 1) * width // k - 1) for j in range(k)]
+
     def state_dict(self) -> dict:
         return {"lo": self.lo, "hi": self.hi, "rng": _rng_state(self._rng)}
 
@@ -279,12 +284,16 @@ class PromptStream:
     """Endless training batches: a seeded shuffle per epoch, a fresh target per use, exact resume."""
 
     def __init__(self, problems: list[Problem], *, mode: str = "exact", target_lo: int = 100,
-                 target_hi: int = 4000, seed: int = 0):
+                 target_hi: int = 4000, seed: int = 0, targets_per_problem: int = 1):
+        if not 1 <= targets_per_problem <= target_hi - target_lo + 1:
+            raise ValueError(f"--targets-per-problem must be in 1..{target_hi - target_lo + 1} (the size of the "
+                             f"target range), got {targets_per_problem}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (--target / --mode); expected one of {', '.join(MODES)}")
         if not problems:
             raise ValueError("PromptStream: no problems (empty dataset)")
         self.problems, self.mode, self.seed = list(problems), mode, seed
+        self.targets_per_problem = targets_per_problem
         self.targets = TargetSampler(target_lo, target_hi, seed)
         self._mode_rng = random.Random(f"mode:{seed}")  # L1-Max recipe: 50/50 exact/max per prompt
         self.epoch, self.position = 0, 0
@@ -294,19 +303,28 @@ class PromptStream:
         return random.Random(f"shuffle:{self.seed}:{epoch}").sample(range(len(self.problems)), len(self.problems))
 
     def next_batch(self, n: int, tokenizer=None) -> list[Sample]:
-        """`n` samples; with `tokenizer=None` the prompt is the plain user text (no chat template)."""
+        """`n` samples; with `tokenizer=None` the prompt is the plain user text (no chat template).
+
+        With `targets_per_problem=k`, each problem appears k times in a row, with targets spread over the range
+        (one per k-th of it): groups that differ only in the number they are asked for.
+        """
+        k = self.targets_per_problem
+        if n % k:
+            raise ValueError(f"batch of {n} prompts is not a multiple of --targets-per-problem {k}")
         out = []
-        for _ in range(n):
+        for _ in range(n // k):
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._shuffle(self.epoch)
             problem = self.problems[self._order[self.position]]
             self.position += 1
-            mode = self._mode_rng.choice(("exact", "max")) if self.mode == "mixed" else self.mode
-            target = None if mode == "none" else self.targets.sample()
-            prompt = (format_prompt(tokenizer, problem, target, mode) if tokenizer is not None
-                      else prompt_text(problem, target, mode))
-            out.append(Sample(problem, target, mode, prompt))
+            targets = self.targets.sample_spread(k)
+            for target in targets:
+                mode = self._mode_rng.choice(("exact", "max")) if self.mode == "mixed" else self.mode
+                target = None if mode == "none" else target
+                prompt = (format_prompt(tokenizer, problem, target, mode) if tokenizer is not None
+                          else prompt_text(problem, target, mode))
+                out.append(Sample(problem, target, mode, prompt))
         return out
 
     def state_dict(self) -> dict:

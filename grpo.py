@@ -56,6 +56,7 @@ class DataArgs:
     target: str = "exact"  # exact | max | mixed (L1-Max recipe) | none (plain GRPO)
     target_min: int = 100
     target_max: int = 4000
+    targets_per_problem: int = 1  # k > 1: each problem k times per step, targets spread over the range (not in the paper)
     max_prompt_tokens: int = 1024
     max_new_tokens: int = 4096
     temperature: float = 0.6
@@ -155,6 +156,8 @@ def validate(cfg: Config) -> None:
     checks = [
         (d.target in ("exact", "max", "mixed", "none"), f"--target must be exact|max|mixed|none, got {d.target!r}"),
         (1 <= d.target_min <= d.target_max, f"--target-min/--target-max must satisfy 1 <= min <= max, got {d.target_min}..{d.target_max}"),
+        (1 <= d.targets_per_problem <= d.target_max - d.target_min + 1, f"--targets-per-problem must be in 1..{d.target_max - d.target_min + 1}, got {d.targets_per_problem}"),
+        (g.prompts_per_step % d.targets_per_problem == 0, f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --targets-per-problem ({d.targets_per_problem})"),
         (m.engine in ("auto", "hf", "vllm"), f"--engine must be auto|hf|vllm, got {m.engine!r}"),
         (m.packed in ("auto", "on", "off"), f"--packed must be auto|on|off, got {m.packed!r}"),
         (g.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"), f"--loss-agg must be token-mean|seq-mean-token-mean|constant, got {g.loss_agg!r}"),
@@ -504,7 +507,8 @@ def train(cfg: Config) -> None:
                                skip_bad=cfg.data.skip_bad)
     problems = _fitting(problems, tokenizer, cfg)
     stream = D.PromptStream(problems, mode=cfg.data.target, target_lo=cfg.data.target_min,
-                            target_hi=cfg.data.target_max, seed=cfg.run.seed)
+                            target_hi=cfg.data.target_max, seed=cfg.run.seed,
+                            targets_per_problem=cfg.data.targets_per_problem)
 
     start = 0
     if cfg.run.resume:

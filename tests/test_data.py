@@ -278,6 +278,28 @@ def test_stream_epochs_and_fresh_targets():
     assert all(s.target is None and s.mode == "none" for s in none)
 
 
+def test_stream_targets_per_problem_spreads_targets():
+    problems = arithmetic_problems(10, seed=0)
+    batch = PromptStream(problems, mode="exact", target_lo=32, target_hi=128, seed=3, targets_per_problem=2).next_batch(2000)
+    pairs = [batch[i:i + 2] for i in range(0, len(batch), 2)]
+    assert all(lo.problem.id == hi.problem.id for lo, hi in pairs)  # the same problem, twice in a row
+    assert all(32 <= lo.target <= 79 and 80 <= hi.target <= 128 for lo, hi in pairs)  # one target per half of 32..128
+    assert {lo.target for lo, _ in pairs} == set(range(32, 80)) and {hi.target for _, hi in pairs} == set(range(80, 129))
+    assert all(s.prompt == prompt_text(s.problem, s.target, "exact") for s in batch[:6])
+    assert sorted(p[0].problem.id for p in pairs[:10]) == sorted(p.id for p in problems)  # one epoch = 10 problems
+    # k=1 draws exactly what the plain stream draws (old runs and checkpoints stay reproducible)
+    key = lambda b: [(s.problem.id, s.target) for s in b]  # noqa: E731
+    assert key(PromptStream(problems, seed=5, targets_per_problem=1).next_batch(30)) == \
+        key(PromptStream(problems, seed=5).next_batch(30))
+    three = PromptStream(problems, target_lo=1, target_hi=9, seed=0, targets_per_problem=3).next_batch(300)
+    assert all(1 <= a.target <= 3 and 4 <= b.target <= 6 and 7 <= c.target <= 9
+               for a, b, c in (three[i:i + 3] for i in range(0, 300, 3)))
+    with pytest.raises(ValueError, match="not a multiple of --targets-per-problem 2"):
+        PromptStream(problems, targets_per_problem=2).next_batch(3)
+    with pytest.raises(ValueError, match="--targets-per-problem must be in 1..9"):
+        PromptStream(problems, target_lo=1, target_hi=9, targets_per_problem=10)
+
+
 def test_stream_mixed_mode():
     batch = PromptStream(arithmetic_problems(20), mode="mixed", seed=0).next_batch(400)
     modes = [s.mode for s in batch]

@@ -259,10 +259,11 @@ def test_resume_errors_are_clear(tiny_model_dir, tmp_path):
     ["--target", "mixed", "--kl-coef", "0", "--loss-agg", "seq-mean-token-mean", "--drop-equal-groups",
      "--eps-high", "0.28", "--no-std-normalize", "--tis-cap", "0"],
     ["--target", "none", "--loss-agg", "constant", "--entropy-coef", "0", "--minibatches", "1", "--packed", "on"],
+    ["--target", "exact", "--targets-per-problem", "2"],
 ])
 def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
     """The options the field uses (L1-Max mixed prompts, no reference model, Dr. GRPO, clip-higher, dropping
-    equal groups, plain GRPO, packed rows on CPU) run the real loop and log a step."""
+    equal groups, plain GRPO, packed rows on CPU, each problem at two targets) run the real loop and log a step."""
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "1",
                         "--out", str(out), *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
