@@ -3,7 +3,8 @@
     python results/plot_curves.py runs/cpu-exact/metrics.jsonl runs/cpu-max/metrics.jsonl \
         --labels exact max --out results/l1-smollm2-cpu/curves.png
 
-Each panel shows the per-step value (thin) and a 5-step moving average (thick).
+Each panel shows the per-step value (thin) and a 5-step moving average (thick); a run that did not log a
+metric leaves its panel empty.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import json
 from pathlib import Path
 
 PANELS = [("reward", "mean reward"), ("rel_len_dev", "mean |n_y - n_gold| / n_gold"),
-          ("response_len", "mean response tokens"), ("over_target", "fraction over target")]
+          ("response_len", "mean response tokens"), ("over_target", "fraction over target"),
+          ("len_target_corr", "r(target, response tokens) per step")]
 
 
 def moving_average(xs: list[float], k: int = 5) -> list[float]:
@@ -37,9 +39,10 @@ def main() -> None:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         steps = [r["step"] for r in rows]
         for ax, (key, title) in zip(axes, PANELS):
-            ys = [r[key] for r in rows]
-            line, = ax.plot(steps, ys, lw=0.8, alpha=0.35)
-            ax.plot(steps, moving_average(ys), lw=2, color=line.get_color(), label=label)
+            xs = [s for s, r in zip(steps, rows) if r.get(key) is not None]  # older runs lack len_target_corr
+            ys = [r[key] for r in rows if r.get(key) is not None]
+            line, = ax.plot(xs, ys, lw=0.8, alpha=0.35, color=f"C{labels.index(label)}")
+            ax.plot(xs, moving_average(ys), lw=2, color=line.get_color(), label=label)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
     axes[0].legend()
