@@ -318,8 +318,7 @@ class PromptStream:
                 self._order = self._shuffle(self.epoch)
             problem = self.problems[self._order[self.position]]
             self.position += 1
-            targets = self.targets.sample_spread(k)
-            for target in targets:
+            for target in self.targets.sample_spread(k):
                 mode = self._mode_rng.choice(("exact", "max")) if self.mode == "mixed" else self.mode
                 target = None if mode == "none" else target
                 prompt = (format_prompt(tokenizer, problem, target, mode) if tokenizer is not None

@@ -35,14 +35,13 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for path, label in zip(a.metrics, labels):
+    for i, (path, label) in enumerate(zip(a.metrics, labels)):
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        steps = [r["step"] for r in rows]
         for ax, (key, title) in zip(axes, PANELS):
-            xs = [s for s, r in zip(steps, rows) if r.get(key) is not None]  # older runs lack len_target_corr
-            ys = [r[key] for r in rows if r.get(key) is not None]
-            line, = ax.plot(xs, ys, lw=0.8, alpha=0.35, color=f"C{labels.index(label)}")
-            ax.plot(xs, moving_average(ys), lw=2, color=line.get_color(), label=label)
+            logged = [r for r in rows if r.get(key) is not None]  # older runs lack len_target_corr
+            xs, ys = [r["step"] for r in logged], [r[key] for r in logged]
+            ax.plot(xs, ys, lw=0.8, alpha=0.35, color=f"C{i}")  # one colour per run in every panel
+            ax.plot(xs, moving_average(ys), lw=2, color=f"C{i}", label=label)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
     axes[0].legend()

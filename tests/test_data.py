@@ -287,10 +287,10 @@ def test_stream_targets_per_problem_spreads_targets():
     assert {lo.target for lo, _ in pairs} == set(range(32, 80)) and {hi.target for _, hi in pairs} == set(range(80, 129))
     assert all(s.prompt == prompt_text(s.problem, s.target, "exact") for s in batch[:6])
     assert sorted(p[0].problem.id for p in pairs[:10]) == sorted(p.id for p in problems)  # one epoch = 10 problems
-    # k=1 draws exactly what the plain stream draws (old runs and checkpoints stay reproducible)
-    key = lambda b: [(s.problem.id, s.target) for s in b]  # noqa: E731
-    assert key(PromptStream(problems, seed=5, targets_per_problem=1).next_batch(30)) == \
-        key(PromptStream(problems, seed=5).next_batch(30))
+    # k=1 draws exactly the targets of one uniform draw per prompt, as before the option (old runs reproduce)
+    sampler = TargetSampler(100, 4000, seed=5)
+    assert [s.target for s in PromptStream(problems, seed=5, targets_per_problem=1).next_batch(30)] == \
+        [sampler.sample() for _ in range(30)]
     three = PromptStream(problems, target_lo=1, target_hi=9, seed=0, targets_per_problem=3).next_batch(300)
     assert all(1 <= a.target <= 3 and 4 <= b.target <= 6 and 7 <= c.target <= 9
                for a, b, c in (three[i:i + 3] for i in range(0, 300, 3)))
