@@ -54,6 +54,7 @@ class EvalConfig:
     engine: str = "auto"                # hf | vllm | auto (rollout.make_engine)
     batch_size: int = 16                # hf engine: sequences per forward batch
     gpu_memory_utilization: float = 0.85  # vllm engine: its share of GPU memory
+    kv_cache_gib: float = 0.0           # vllm engine: fixed KV-cache size instead (0 = from the share above)
     out: str | None = None
     bf_max_waits: int = 100
     bf_answer_tokens: int = 32
@@ -323,6 +324,9 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--engine", choices=("hf", "vllm", "auto"), default="auto")
     p.add_argument("--batch-size", type=int, default=16, help="hf engine: sequences per batch")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm engine: share of GPU memory")
+    p.add_argument("--kv-cache-gib", type=float, default=0.0,
+                   help="vllm engine: a fixed KV cache of this many GiB. This skips vLLM's memory profiling, which "
+                        "fails when another process on the GPU frees memory meanwhile (evaluating beside a training run)")
     p.add_argument("--out", help="output dir (default runs/eval-<timestamp>)")
     p.add_argument("--bf-max-waits", type=int, default=100)
     p.add_argument("--bf-answer-tokens", type=int, default=32)
@@ -455,8 +459,12 @@ def main(argv=None) -> dict | None:
         else:
             if engine is not None:
                 engine.close()
+            # A fixed KV cache (vllm/config/cache.py CacheConfig.kv_cache_memory_bytes) makes gpu_worker.py
+            # determine_available_memory skip its profiling, in 0.26.0 and 0.32.0 alike.
+            kv = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)} if cfg.kv_cache_gib > 0 else {}
             engine = rollout.make_engine(cfg.engine, model_dir, info.device, seed=cfg.seed + rank,  # own stream per rank
-                                         batch_size=cfg.batch_size, gpu_memory_utilization=cfg.gpu_memory_utilization)
+                                         batch_size=cfg.batch_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                         **kv)
             engine_arch = arch
         for method in methods:
             records += evaluate_model(engine, tokenizer, label, shard, cfg, method, log=log)

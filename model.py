@@ -186,25 +186,28 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     return out.unsqueeze(0), None  # [1, T, Hq, D]
 
 
-@functools.lru_cache(maxsize=None)
-def _has_window_size(fn) -> bool:
-    """Whether this torch's varlen_attn has the 2.13 API (window_size); inspected once per function, not per layer."""
-    return "window_size" in inspect.signature(fn).parameters
+@functools.cache
+def _has_param(fn, name: str) -> bool:
+    """Whether `fn` takes `name` (varlen_attn's API differs across torch versions); inspected once, not per layer."""
+    return name in inspect.signature(fn).parameters
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None):
-    """Causal torch.nn.attention.varlen.varlen_attn across its API versions: torch 2.13 (our pin) takes
-    scale / window_size=(-1, 0) for causal / enable_gqa; torch 2.10-2.11 take is_causal only (default scale,
-    equal head counts), so there GQA heads are repeated and a non-default scale raises."""
+    """Causal torch.nn.attention.varlen.varlen_attn across its API versions (torch/nn/attention/varlen.py):
+    2.13 (our pin) takes scale, window_size=(-1, 0) for causal and enable_gqa; 2.11 (the GPU machine's) takes
+    scale and window_size but no enable_gqa, so GQA heads are repeated; 2.10 takes is_causal only (default
+    scale: another one raises)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    if _has_window_size(varlen_attn):  # torch/nn/attention/varlen.py (2.13): window (-1, 0) = causal
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and not _has_param(varlen_attn, "enable_gqa"):
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    if _has_param(varlen_attn, "window_size"):
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, window_size=(-1, 0),
-                           enable_gqa=q.shape[1] != k.shape[1])
+                           **({"enable_gqa": True} if gqa else {}))
     if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6:
         raise ValueError(f"this torch's varlen_attn has no scale argument; the model needs scale {scale}")
-    if q.shape[1] != k.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, is_causal=True)
 
 

@@ -37,6 +37,7 @@ import re
 import select
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from fractions import Fraction
@@ -295,6 +296,7 @@ class _Symbolic:
         self.proc: subprocess.Popen | None = None
         self.pid_owner = os.getpid()
         self.buf = b""
+        self.cmd = [sys.executable, "-I", os.path.abspath(__file__), "--serve"]
 
     def _kill(self) -> None:
         if self.proc is not None and self.pid_owner == os.getpid():
@@ -321,12 +323,25 @@ class _Symbolic:
         if self.proc is not None and self.proc.poll() is None:
             return True
         self._kill()
-        self.proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), "--serve"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        if self._readline(time.monotonic() + CHILD_START_TIMEOUT) != b"ready":
+        # -I ignores PYTHONPATH: the parent's import path goes over explicitly (packages installed with --target)
+        env = {**os.environ, "LCPO_GRADER_SYS_PATH": os.pathsep.join(p for p in sys.path if p)}
+        with tempfile.TemporaryFile() as err:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         close_fds=True, env=env)
+            if self._readline(time.monotonic() + CHILD_START_TIMEOUT) == b"ready":
+                return True
+            try:  # at EOF the child is exiting; a slow start is still running after this wait
+                code = self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
             self._kill()
-            return False
-        return True
+            if code is None:
+                return False  # too slow to start (a loaded machine): this item is wrong, the next one retries
+            err.seek(0)
+            tail = err.read()[-2000:].decode(errors="replace").strip()
+        # A child that cannot start would mark every symbolic item wrong, one failed start per item: stop here.
+        raise RuntimeError(f"rewards: the math-verify grading process {self.cmd[1:]} exited with code {code} "
+                           f"before it was ready:\n{tail}")
 
     def check(self, gold: str, pred: str, timeout: float) -> bool:
         """Caller holds self.lock."""
@@ -351,7 +366,8 @@ atexit.register(_SYMBOLIC._kill)
 # ------------------------------------------------------------------------------------------------ grading
 def grade(responses: list[str], golds: list[str], multiple_choice: list[bool] | bool = False,
           timeout: float = 5.0, last_number_fallback: bool = False) -> list[bool]:
-    """Correctness of each response against its gold answer. Never raises; each item costs <= ~timeout.
+    """Correctness of each response against its gold answer; each item costs <= ~timeout. Model output never
+    makes it raise; a grading process that cannot start (a broken install) raises RuntimeError with its error.
     last_number_fallback: a response without \\boxed{} is graded by its last number (off by default, as in
     the reference; for small models that never box their answer)."""
     n = len(responses)
@@ -426,4 +442,5 @@ def length_reward(mode: str, correct: bool, n_y: int, n_gold: int | None, *, alp
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    sys.path[1:1] = [p for p in os.environ.get("LCPO_GRADER_SYS_PATH", "").split(os.pathsep) if p and p not in sys.path]
     _serve()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -232,12 +233,23 @@ def _import_vllm():
     return vllm
 
 
+def _default_single_process_env() -> None:
+    """What external_launcher reads, for a run outside torchrun: rank 0 of 1 on this host, and a free port (not a
+    fixed one, so two single-process jobs can share a machine). Variables already set are kept."""
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
 class VLLMEngine(Engine):
     """vLLM colocated with the trainer (one engine per rank, external_launcher), sleep mode, weight push.
 
     Per training step (reference.md section 5): generate -> sleep() (level 2: weights and KV cache dropped)
     -> train -> wake_up(["weights"]) -> load_weights(...) -> wake_up(["kv_cache"]) (also resets the prefix cache).
-    Outside torchrun, RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT default to a single process.
+    Outside torchrun, RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR default to a single process, MASTER_PORT to a free port.
     With sleep mode, only ONE engine per process: a second LLM fails "CuMem allocator can only be used for one
     instance per process" even after close() (seen on 0.26.0; the same assert is in 0.32.0 gpu_worker.py
     Worker._maybe_get_memory_pool_context). To serve another model of the same architecture, load_weights it.
@@ -249,9 +261,7 @@ class VLLMEngine(Engine):
         vllm = _import_vllm()
         from transformers import AutoConfig
 
-        single = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
-        for k, v in single.items():
-            os.environ.setdefault(k, v)
+        _default_single_process_env()
         self.seed, self.bucket_bytes, self.enable_sleep_mode = seed, bucket_bytes, enable_sleep_mode
         self.tie_word_embeddings = bool(getattr(AutoConfig.from_pretrained(model_dir), "tie_word_embeddings", False))
         # LLM(...) keyword arguments: vllm/entrypoints/llm.py LLM.__init__ and vllm/engine/arg_utils.py EngineArgs

@@ -36,7 +36,7 @@ def model_dir(args) -> str:
     if not os.path.isfile(os.path.join(args.save_dir, "config.json")):
         from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-        tok = AutoTokenizer.from_pretrained(M.resolve_model(M.EMBEDDED_MODEL))
+        tok = AutoTokenizer.from_pretrained(M.resolve_model(args.model))  # SmolLM2's unless --model says otherwise
         cfg = Qwen2Config(**(common.QWEN2_1_5B | dict(vocab_size=len(tok))), bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         torch.manual_seed(0)
@@ -128,7 +128,7 @@ def main():
     common.add_common_args(p)
     p.add_argument("--model", default="smollm2", help="model dir / hub id / smollm2 (model.resolve_model)")
     p.add_argument("--random-config", choices=["qwen2-1.5b"], default=None,
-                   help="serve a random-weights model of this shape (SmolLM2 tokenizer), written to --save-dir")
+                   help="serve a random-weights model of this shape (the tokenizer of --model), written to --save-dir")
     p.add_argument("--save-dir", default=None)
     p.add_argument("--engines", default=None, help="comma list of hf,vllm (default hf, plus vllm if importable on cuda)")
     p.add_argument("--num-prompts", type=int, default=None, help="default 16 on cuda, 2 on cpu")

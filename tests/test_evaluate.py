@@ -293,13 +293,16 @@ def test_several_checkpoints_share_one_engine(embedded_model_dir, one_thread, tm
     sd = load_file(str(f))
     sd["model.norm.weight"] = sd["model.norm.weight"] * 0  # every logit 0: uniform sampling
     save_file(sd, str(f), metadata={"format": "pt"})
-    built = []
+    built, kwargs = [], []
     real = rollout.make_engine
-    monkeypatch.setattr(rollout, "make_engine", lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(rollout, "make_engine",
+                        lambda *a, **k: built.append(a[1]) or kwargs.append(k) or real(*a, **k))
     out = tmp_path / "eval"
     evaluate.main(["--model", "smollm2", str(other), "--labels", "base", "zeroed", "--data", "arith", "--limit", "1",
-                   "--samples", "2", "--budgets", "8", "--max-new-tokens", "8", "--engine", "hf", "--out", str(out)])
+                   "--samples", "2", "--budgets", "8", "--max-new-tokens", "8", "--engine", "hf", "--out", str(out),
+                   "--kv-cache-gib", "1.5"])
     assert built == [embedded_model_dir]  # one engine for both
+    assert kwargs[0]["kv_cache_memory_bytes"] == 3 << 29  # --kv-cache-gib reaches vLLM's LLM(...) (hf ignores it)
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     by = {m: [r["response"] for r in recs if r["model"] == m] for m in ("base", "zeroed")}
     assert len(by["base"]) == len(by["zeroed"]) == 2 and by["base"] != by["zeroed"]

@@ -168,8 +168,9 @@ def test_torch_varlen_gets_sequence_boundaries_once_and_handles_batches(monkeypa
 
 
 def test_torch_varlen_call_for_each_torch_api(monkeypatch):
-    """The arguments _torch_varlen passes to varlen_attn, with stand-ins of both signatures (the real kernel is
-    CUDA only): torch 2.13 (scale, window_size=(-1, 0), enable_gqa) and torch 2.10-2.11 (is_causal only)."""
+    """The arguments _torch_varlen passes to varlen_attn, with stand-ins of its signatures (the real kernel is
+    CUDA only): torch 2.13 (scale, window_size=(-1, 0), enable_gqa), torch 2.11 (scale and window_size, no
+    enable_gqa: the TypeError seen on the GPU machine) and torch 2.10 (is_causal only)."""
     import torch.nn.attention.varlen as V
 
     calls = []
@@ -177,6 +178,10 @@ def test_torch_varlen_call_for_each_torch_api(monkeypatch):
     def new_api(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
                 enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
         calls.append(("new", window_size, enable_gqa, scale))
+        return M._segment_attention(q, k, v, cu_q, scale)
+
+    def mid_api(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        calls.append(("mid", window_size, k.shape[1], scale))
         return M._segment_attention(q, k, v, cu_q, scale)
 
     def old_api(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
@@ -187,10 +192,11 @@ def test_torch_varlen_call_for_each_torch_api(monkeypatch):
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)
     q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
     ref = M._segment_attention(q, k, v, cu, 8 ** -0.5)
-    for fake in (new_api, old_api):
+    for fake in (new_api, mid_api, old_api):
         monkeypatch.setattr(V, "varlen_attn", fake)
         torch.testing.assert_close(M._torch_varlen(q, k, v, cu, 7, 8 ** -0.5), ref)
-    assert calls == [("new", (-1, 0), True, 8 ** -0.5), ("old", True, 4)]  # old API: kv heads repeated to 4
+    # 2.11 and 2.10: the 2 kv heads repeated to the 4 query heads
+    assert calls == [("new", (-1, 0), True, 8 ** -0.5), ("mid", (-1, 0), 4, 8 ** -0.5), ("old", True, 4)]
     with pytest.raises(ValueError, match="no scale argument"):
         M._torch_varlen(q, k, v, cu, 7, 0.5)
 
@@ -216,6 +222,21 @@ def test_torch_varlen_kernel_matches_reference_on_gpu(heads):
     grads_ref = torch.autograd.grad(ref, (q, k, v), g)
     for a, b in zip(grads_out, grads_ref):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen flash kernel needs a CUDA GPU")
+def test_packed_torch_varlen_matches_padded_sdpa_on_gpu():
+    """The trainer's GPU default (packed rows, torch_varlen) against padded SDPA, whole model in bf16."""
+    results = []
+    for packed in (True, False):
+        model = tiny_model("qwen2", attn=M.TORCH_VARLEN if packed else "sdpa").to("cuda", torch.bfloat16)
+        lp, _ = M.response_logprobs(model, SEQS, PROMPT_LENS, temperature=0.6, packed=packed)
+        lp.float().sum().backward()
+        results.append((lp.detach().float(), grads(model)))
+    (lp_a, g_a), (lp_b, g_b) = results
+    torch.testing.assert_close(lp_a, lp_b, atol=3e-2, rtol=3e-2)
+    for name in g_a:
+        torch.testing.assert_close(g_a[name].float(), g_b[name].float(), atol=5e-2, rtol=5e-2, msg=name)
 
 
 def test_bad_inputs_raise():

@@ -217,6 +217,31 @@ def test_hung_child_is_killed_within_timeout():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/limits (Linux only)")
+def test_grading_process_that_cannot_start_is_a_clear_error():
+    """A child that dies before "ready" (e.g. math-verify not importable) raises with its stderr, instead of
+    grading every symbolic item wrong at the cost of one failed start each."""
+    sym = rewards._Symbolic()
+    sym.cmd = [sys.executable, "-c", "import sys; sys.stderr.write('No module named math_verify'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match=r"exited with code 3 before it was ready:\nNo module named math_verify"):
+        sym.check("x+1", "1+x", 5.0)
+
+
+def test_grading_process_sees_the_parents_import_path(tmp_path, monkeypatch):
+    """`python -I` ignores PYTHONPATH (packages installed with pip --target, as on the GPU machine): the child
+    gets the parent's sys.path. A stand-in math_verify first on the parent's path calls everything equal."""
+    fake = tmp_path / "math_verify"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("class LatexExtractionConfig:\n    def __init__(self, **kw): pass\n"
+                                      "def parse(text, *a, **kw): return [text]\n"
+                                      "def verify(g, p, **kw): return True\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
+    sym = rewards._Symbolic()
+    try:
+        assert sym.check("x+1", "y", 5.0) is True  # the real math-verify says False
+    finally:
+        sym._kill()
+
+
 def test_child_memory_limit():
     assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")
     limits = Path(f"/proc/{rewards._SYMBOLIC.proc.pid}/limits").read_text()

@@ -2,6 +2,7 @@
 (checked against a replica of vLLM 0.32.0's loader), the VLLMEngine push path on a fake LLM, and (GPU + vllm only)
 the real VLLMEngine."""
 import importlib.util
+import os
 from collections import defaultdict
 
 import pytest
@@ -392,6 +393,19 @@ def test_vllm_engine_push_cycle_on_fake_llm(monkeypatch):
     assert sorted(n for c in model.calls for n in c) == sorted(n for n in sd if n != "lm_head.weight")
     eng.load_weights(sd.items())  # awake: a push resets the prefix cache itself
     assert eng.llm.log[-1] == "reset_prefix_cache"
+
+
+def test_single_process_env_defaults(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    rollout._default_single_process_env()
+    first = os.environ["MASTER_PORT"]
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert 0 < int(first) < 65536
+    monkeypatch.setenv("MASTER_PORT", "29517")  # torchrun's (or the user's) port is kept
+    monkeypatch.setenv("RANK", "3")
+    rollout._default_single_process_env()
+    assert (os.environ["MASTER_PORT"], os.environ["RANK"]) == ("29517", "3")
 
 
 def test_weight_buckets():
