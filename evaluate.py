@@ -378,7 +378,10 @@ def environment(model_dirs: dict, world: int, device: str, argv: list[str]) -> d
 def write_outputs(out: Path, cfg: EvalConfig, records: list[dict], env: dict, elapsed: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, cfg.budgets)
-    (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "environment": env, "elapsed_s": elapsed,
+    # A merge generated nothing: its own flags (samples, data, ...) are defaults that did not apply; each merged
+    # run's config is in env["merged_from"].
+    config = {k: getattr(cfg, k) for k in ("merge", "budgets", "labels", "out")} if cfg.merge else asdict(cfg)
+    (out / "results.json").write_text(json.dumps({"config": config, "environment": env, "elapsed_s": elapsed,
                                                   "summary": summary}, indent=1) + "\n")
     (out / "table.md").write_text(format_table(summary, cfg.budgets))
     with open(out / "samples.jsonl", "w") as f:

@@ -215,6 +215,7 @@ def test_merge_combines_separate_runs(tmp_path):
     summary = evaluate.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
     out = json.loads((tmp_path / "m" / "results.json").read_text())
     assert out["config"]["budgets"] == [100, 200] and out["config"]["labels"] == ["base", "tuned"]
+    assert "samples" not in out["config"]  # the merge's own defaults are not reported as if they had applied
     assert [r["dir"] for r in out["environment"]["merged_from"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert (tmp_path / "m" / "samples.jsonl").read_text().count("\n") == 4
     table = (tmp_path / "m" / "table.md").read_text()
