@@ -306,6 +306,9 @@ def _worker(rank, world_size, port, tmp_path):
         check_sharded("llama", activation_checkpointing=True, tmp_path=tmp_path, rank=rank)
     finally:
         dist.destroy_process_group()
+    # Passed: leave without interpreter finalization, where gloo's threads can still abort (SIGABRT, "terminate
+    # called without an active exception": seen once in a clean-clone CI run; pytorch/pytorch PR 179291).
+    os._exit(0)
 
 
 def test_sharded_world2_gloo(tmp_path):
