@@ -216,7 +216,6 @@ def test_hung_child_is_killed_within_timeout():
     assert rewards._SYMBOLIC.proc.pid != pid
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/limits (Linux only)")
 def test_grading_process_that_cannot_start_is_a_clear_error():
     """A child that dies before "ready" (e.g. math-verify not importable) raises with its stderr, instead of
     grading every symbolic item wrong at the cost of one failed start each."""
@@ -242,6 +241,7 @@ def test_grading_process_sees_the_parents_import_path(tmp_path, monkeypatch):
         sym._kill()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/limits (Linux only)")
 def test_child_memory_limit():
     assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")
     limits = Path(f"/proc/{rewards._SYMBOLIC.proc.pid}/limits").read_text()
