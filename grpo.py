@@ -93,6 +93,7 @@ class RunArgs:
     seed: int = 0
     out: str = "runs/lcpo"
     save_every: int = 50
+    keep_checkpoints: int = 2  # newest complete checkpoints kept, older ones deleted after each save; 0 = all
     resume: bool = False
     preset: str | None = None
 
@@ -174,6 +175,7 @@ def validate(cfg: Config) -> None:
         (g.prompts_per_step % g.minibatches == 0, f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --minibatches ({g.minibatches})"),
         (0 < g.eps_low < 1 and g.eps_high > 0, f"--eps-low must be in (0, 1) and --eps-high > 0, got {g.eps_low}, {g.eps_high}"),
         (g.lr > 0 and cfg.run.steps >= 1 and cfg.run.save_every >= 1, "--lr must be > 0, --steps and --save-every >= 1"),
+        (cfg.run.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0 (0 keeps all)"),
         (d.max_new_tokens >= 1 and d.temperature > 0, "--max-new-tokens must be >= 1 and --temperature > 0"),
     ]
     for ok, msg in checks:
@@ -409,13 +411,28 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def save_checkpoint(step, policy, tokenizer, optimizer, stream, cfg: Config, dist_info) -> Path:
-    """Write to step_N.tmp, then rename: a kill mid-save leaves the previous checkpoint intact."""
+    """Write to step_N.tmp, then rename: a kill mid-save leaves the previous checkpoint intact. Then delete all but
+    the newest --keep-checkpoints (a 1.5B policy's checkpoint, fp32 weights and Adam moments, is about 18 GB)."""
+    final = Path(cfg.run.out) / "checkpoints" / f"step_{step:06d}"
+    try:
+        _write_checkpoint(final, step, policy, tokenizer, optimizer, stream, cfg, dist_info)
+    except Exception as e:  # a full disk shows up deep in torch.save as "unexpected pos 704 vs 598"
+        free = shutil.disk_usage(final.parent).free / 2**30 if final.parent.exists() else float("nan")
+        raise RuntimeError(f"saving checkpoint {final} failed ({free:.1f} GiB free there; earlier checkpoints are "
+                           f"intact, continue with --resume): {type(e).__name__}: {e}") from e
+    if dist_info.rank == 0 and cfg.run.keep_checkpoints > 0:
+        for old in checkpoint_dirs(Path(cfg.run.out))[:-cfg.run.keep_checkpoints]:
+            shutil.rmtree(old)
+    _barrier(dist_info)
+    return final
+
+
+def _write_checkpoint(final: Path, step, policy, tokenizer, optimizer, stream, cfg: Config, dist_info) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     import model as M
 
-    final = Path(cfg.run.out) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if dist_info.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -431,8 +448,6 @@ def save_checkpoint(step, policy, tokenizer, optimizer, stream, cfg: Config, dis
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    _barrier(dist_info)
-    return final
 
 
 def load_checkpoint(path: Path, policy, optimizer, stream, dist_info) -> int:

@@ -170,11 +170,13 @@ def test_weight_sync_engine_uses_new_weights(tiny_model_dir):
 
 
 def test_resume_matches_uninterrupted_run_two_processes(tiny_model_dir, tmp_path):
-    """torchrun with 2 CPU processes: 4 steps straight == 2 steps, stop, --resume to 4 (weights and metrics)."""
+    """torchrun with 2 CPU processes: 4 steps straight == 2 steps, stop, --resume to 4 (weights and metrics).
+    The straight run keeps only its newest checkpoint (--keep-checkpoints 1); the resumed one keeps both (default 2)."""
     common = [*TINY, "--model", tiny_model_dir, "--save-every", "2", "--seed", "7"]
     a, b = tmp_path / "a", tmp_path / "b"
-    r = _torchrun(2, [*common, "--steps", "4", "--out", str(a)])
+    r = _torchrun(2, [*common, "--steps", "4", "--out", str(a), "--keep-checkpoints", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_000004"]
     r = _torchrun(2, [*common, "--steps", "2", "--out", str(b)])
     assert r.returncode == 0, r.stderr[-3000:]
     r = _torchrun(2, [*common, "--steps", "4", "--out", str(b), "--resume"])
@@ -194,6 +196,7 @@ def test_resume_matches_uninterrupted_run_two_processes(tiny_model_dir, tmp_path
     assert not torch.equal(wa["model.embed_tokens.weight"], _weights_of(tiny_model_dir)["model.embed_tokens.weight"])
     state = json.loads((b / "checkpoints" / "step_000004" / "state.json").read_text())
     assert state["step"] == 4 and state["world_size"] == 2
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
 
 def test_sigterm_saves_and_exits(tiny_model_dir, tmp_path):
@@ -253,6 +256,19 @@ def test_resume_errors_are_clear(tiny_model_dir, tmp_path):
     r = subprocess.run([*base[:-1], "--target", "sometimes"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "--target" in r.stderr
+
+
+def test_failed_save_is_a_clear_error(tiny_model_dir, tmp_path):
+    """A checkpoint that cannot be written (here `checkpoints` is a file; in the field, a full disk, which torch
+    reports as "unexpected pos 704 vs 598") stops the run with the path and the free space named."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a directory")
+    r = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "1",
+                        "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert f"saving checkpoint {out / 'checkpoints' / 'step_000001'} failed" in r.stderr and "GiB free" in r.stderr
+    assert [m["step"] for m in _metrics(out)] == [1]  # the step's metrics were written before the save
 
 
 @pytest.mark.parametrize("extra", [
