@@ -18,7 +18,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 train: setup
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) grpo.py --preset smollm2-cpu --target $(TARGET) $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) grpo.py --preset smollm2-cpu --target $(TARGET) \
+		--out runs/smollm2-cpu$(if $(filter-out exact,$(TARGET)),-$(TARGET)) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests $(ARGS)

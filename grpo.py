@@ -492,6 +492,12 @@ def train(cfg: Config) -> None:
     import rewards as R  # noqa: F401  (imported early so a missing grader dependency fails before generating)
     import rollout
 
+    # A new run must not write into an earlier one: its metrics would be appended to theirs, and pruning or a later
+    # --resume would take the earlier run's checkpoints for its own.
+    if not cfg.run.resume and checkpoint_dirs(Path(cfg.run.out)):
+        raise SystemExit(f"--out {cfg.run.out} already holds checkpoints of an earlier run (newest: "
+                         f"{checkpoint_dirs(Path(cfg.run.out))[-1].name}); pass --resume to continue it, or start the "
+                         "new run in another --out (or delete that directory)")
     di = M.init_distributed()
     torch.manual_seed(cfg.run.seed + di.rank)
     random.seed(cfg.run.seed + di.rank)

@@ -257,6 +257,11 @@ def test_resume_errors_are_clear(tiny_model_dir, tmp_path):
                        timeout=120)
     assert r.returncode == 2 and "--target" in r.stderr
 
+    # a new run (no --resume) into the directory of an earlier one is refused, naming it
+    r = subprocess.run([*base[:-1], "--out", str(tmp_path / "bad")], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "already holds checkpoints of an earlier run (newest: step_000001)" in r.stderr
+
 
 def test_failed_save_is_a_clear_error(tiny_model_dir, tmp_path):
     """A checkpoint that cannot be written (here `checkpoints` is a file; in the field, a full disk, which torch
