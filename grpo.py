@@ -130,6 +130,7 @@ PRESETS["smollm2-lcpo-gpu"] = dict(
     save_every=25, out="runs/gpu-exact",
 )
 
+
 def parse_args(argv: list[str] | None = None) -> Config:
     """Build argparse flags from the dataclass fields (--field-name), apply --preset, then explicit flags."""
     cfg = Config()
@@ -492,16 +493,16 @@ def train(cfg: Config) -> None:
     import rewards as R  # noqa: F401  (imported early so a missing grader dependency fails before generating)
     import rollout
 
+    out = Path(cfg.run.out)
+    ckpts = checkpoint_dirs(out)
     # A new run must not write into an earlier one: its metrics would be appended to theirs, and pruning or a later
     # --resume would take the earlier run's checkpoints for its own.
-    if not cfg.run.resume and checkpoint_dirs(Path(cfg.run.out)):
-        raise SystemExit(f"--out {cfg.run.out} already holds checkpoints of an earlier run (newest: "
-                         f"{checkpoint_dirs(Path(cfg.run.out))[-1].name}); pass --resume to continue it, or start the "
-                         "new run in another --out (or delete that directory)")
+    if not cfg.run.resume and ckpts:
+        raise SystemExit(f"--out {out} already holds checkpoints of an earlier run (newest: {ckpts[-1].name}); pass "
+                         "--resume to continue it, or start the new run in another --out (or delete that directory)")
     di = M.init_distributed()
     torch.manual_seed(cfg.run.seed + di.rank)
     random.seed(cfg.run.seed + di.rank)
-    out = Path(cfg.run.out)
     is_main = di.rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -541,7 +542,6 @@ def train(cfg: Config) -> None:
 
     start = 0
     if cfg.run.resume:
-        ckpts = checkpoint_dirs(out)
         if not ckpts:
             raise SystemExit(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
         start = load_checkpoint(ckpts[-1], policy, optimizer, stream, di)
