@@ -45,6 +45,7 @@ class ModelArgs:
     activation_checkpointing: bool = False
     vllm_gpu_memory_utilization: float = 0.4
     hf_batch_size: int = 64  # sequences per generate() call of the transformers engine
+    dtype: str = "auto"  # compute dtype of the policy and the hf engine: auto | bfloat16 | float32 (model.use_bf16)
 
 
 @dataclass
@@ -170,6 +171,7 @@ def validate(cfg: Config) -> None:
         (g.prompts_per_step % d.targets_per_problem == 0, f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --targets-per-problem ({d.targets_per_problem})"),
         (m.engine in ("auto", "hf", "vllm"), f"--engine must be auto|hf|vllm, got {m.engine!r}"),
         (m.packed in ("auto", "on", "off"), f"--packed must be auto|on|off, got {m.packed!r}"),
+        (m.dtype in ("auto", "bfloat16", "float32"), f"--dtype must be auto|bfloat16|float32, got {m.dtype!r}"),
         (g.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"), f"--loss-agg must be token-mean|seq-mean-token-mean|constant, got {g.loss_agg!r}"),
         (g.group_size >= 2, f"--group-size must be >= 2 (advantages are relative within a group), got {g.group_size}"),
         (g.prompts_per_step >= 1 and g.minibatches >= 1 and g.epochs >= 1, "--prompts-per-step, --minibatches and --epochs must be >= 1"),
@@ -517,11 +519,12 @@ def train(cfg: Config) -> None:
         dist.broadcast_object_list(holder, src=0)
         model_dir = holder[0]
     tokenizer = M.load_tokenizer(model_dir)
-    policy = M.shard_model(M.load_model(model_dir, device=di.device), mixed_precision=on_gpu,
+    bf16 = M.use_bf16(di.device, cfg.model.dtype)  # bf16 compute over fp32 master weights (GPU, or CPU with AMX)
+    policy = M.shard_model(M.load_model(model_dir, device=di.device), mixed_precision=bf16,
                            activation_checkpointing=cfg.model.activation_checkpointing)
     ref_policy = None
     if cfg.grpo.kl_coef != 0:  # the frozen reference exists only when the KL term is used
-        ref_policy = M.shard_model(M.load_model(model_dir, device=di.device), mixed_precision=on_gpu)
+        ref_policy = M.shard_model(M.load_model(model_dir, device=di.device), mixed_precision=bf16)
         ref_policy.requires_grad_(False)
     # Padding-free packing pays off with flash-attn's varlen kernel; with SDPA a packed row needs a dense mask.
     packed = cfg.model.packed == "on" or (cfg.model.packed == "auto" and M.prefers_packing(policy))
@@ -529,7 +532,7 @@ def train(cfg: Config) -> None:
     engine = rollout.make_engine(cfg.model.engine, model_dir, device=di.device, seed=cfg.run.seed + di.rank,
                                  max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_new_tokens,
                                  gpu_memory_utilization=cfg.model.vllm_gpu_memory_utilization,
-                                 batch_size=cfg.model.hf_batch_size)
+                                 batch_size=cfg.model.hf_batch_size, dtype=torch.bfloat16 if bf16 else torch.float32)
 
     # Data: every rank runs the same seeded stream and takes its own slice of each global batch.
     problems = D.load_problems(cfg.data.data, question_field=cfg.data.question_field,

@@ -50,5 +50,15 @@ def test_rollout_throughput_hf_engine(embedded_model_dir, tmp_path):
     assert hf.get("error") is None and hf["tokens_per_s"] > 0 and hf["sync_s"] > 0, hf
 
 
+def test_cpu_dtype_both_variants(embedded_model_dir, tmp_path):
+    res = run_bench("cpu_dtype", ["--model", embedded_model_dir, "--num-prompts", "1", "--samples", "2",
+                                  "--prompt-len", "8", "--max-new-tokens", "4"], tmp_path)
+    rows = res["results"]
+    assert set(rows) == {"float32", "bfloat16"}
+    for r in rows.values():
+        assert r.get("error") is None and r["update_s"] > 0, r
+        assert r["response_tokens"] == 2 * 4  # EOS masked: both variants generate the same token count
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -278,13 +278,14 @@ def test_failed_save_is_a_clear_error(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("extra", [
     ["--target", "mixed", "--kl-coef", "0", "--loss-agg", "seq-mean-token-mean", "--drop-equal-groups",
-     "--eps-high", "0.28", "--no-std-normalize", "--tis-cap", "0"],
+     "--eps-high", "0.28", "--no-std-normalize", "--tis-cap", "0", "--dtype", "float32"],
     ["--target", "none", "--loss-agg", "constant", "--entropy-coef", "0", "--minibatches", "1", "--packed", "on"],
-    ["--target", "exact", "--targets-per-problem", "2"],
+    ["--target", "exact", "--targets-per-problem", "2", "--dtype", "bfloat16"],
 ])
 def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
     """The options the field uses (L1-Max mixed prompts, no reference model, Dr. GRPO, clip-higher, dropping
-    equal groups, plain GRPO, packed rows on CPU, each problem at two targets) run the real loop and log a step."""
+    equal groups, plain GRPO, packed rows on CPU, each problem at two targets, either compute dtype on CPU) run
+    the real loop and log a step."""
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "1",
                         "--out", str(out), *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
@@ -293,3 +294,5 @@ def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
     assert m["step"] == 1 and (m["kl"] == 0 if "--kl-coef" in extra else True)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["target"] == extra[1]
+    if "--dtype" in extra:
+        assert cfg["model"]["dtype"] == extra[extra.index("--dtype") + 1]

@@ -143,7 +143,7 @@ def test_cli_presets_and_bad_flags(capsys):
     assert (paper.grpo.eps_low, paper.grpo.kl_coef, paper.grpo.entropy_coef, paper.data.temperature) == (0.2, 0.001, 0.001, 0.6)
     for argv, needle in ((["--target", "long"], "--target"), (["--target-min", "500", "--target-max", "100"], "--target-min"),
                          (["--group-size", "1"], "--group-size"), (["--prompts-per-step", "10", "--minibatches", "3"], "--minibatches"),
-                         (["--preset", "nope"], "--preset"), (["--lr", "abc"], "--lr"),
+                         (["--preset", "nope"], "--preset"), (["--lr", "abc"], "--lr"), (["--dtype", "fp16"], "--dtype"),
                          (["--prompts-per-step", "9", "--minibatches", "1", "--targets-per-problem", "2"], "--targets-per-problem"),
                          (["--target-min", "10", "--target-max", "12", "--targets-per-problem", "4"], "--targets-per-problem")):
         with pytest.raises(SystemExit):

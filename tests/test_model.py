@@ -294,6 +294,15 @@ def test_sharded_mixed_precision_bf16_runs(world1):
     assert all(t.dtype == torch.bfloat16 for _, t in M.iter_full_state_dict(sharded, torch.bfloat16))
 
 
+def test_use_bf16_picks_the_compute_dtype():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # (a device object needs no GPU)
+    assert M.use_bf16(cpu, "bfloat16") and not M.use_bf16(cuda, "float32")
+    assert M.use_bf16(cuda) and M.use_bf16(cuda, "auto")
+    assert M.use_bf16(cpu) == torch.cpu._is_amx_tile_supported()  # bf16 on a CPU only with bf16 matrix units
+    with pytest.raises(ValueError, match=re.escape("--dtype must be auto|bfloat16|float32, got 'fp16'")):
+        M.use_bf16(cpu, "fp16")
+
+
 def _worker(rank, world_size, port, tmp_path):
     import os
 

@@ -1,0 +1,94 @@
+"""float32 vs bfloat16 on a CPU: one rank's share of a GRPO step (generate, then update) on the embedded model.
+
+The variants are grpo.py's `--dtype float32` and `--dtype bfloat16`: the FSDP2 policy (world-1 process group)
+computes in that dtype over float32 master weights, and the transformers engine holds its copy in it. One
+timed iteration:
+  generate  rollout.HFEngine: --num-prompts random-token prompts x --samples completions, exactly
+            --max-new-tokens each (EOS masked until then, so both variants generate the same token count)
+  update    grpo.update_policy on those completions as episodes (seeded random advantages), under the
+            grpo.py preset --preset (default smollm2-lcpo-cpu: padded micro-batches, one AdamW step)
+The defaults are one rank's share of `grpo.py --preset smollm2-lcpo-cpu` on 2 processes (2 prompts x 8).
+bfloat16 pays off on CPUs with AMX tiles (bf16 matrix units); `model.use_bf16` picks it there for --dtype auto.
+
+  python bench/cpu_dtype.py
+"""
+from __future__ import annotations
+
+import argparse
+
+import common
+import torch
+
+
+def measure(variant: str, args) -> dict:
+    import grpo
+    import model as M
+    import rollout
+
+    torch.set_num_threads(args.threads)
+    bf16 = variant == "bfloat16"
+    path = M.resolve_model(args.model)
+    di = M.init_distributed()
+    cfg = grpo.parse_args(["--preset", args.preset, "--dtype", variant])
+    policy = M.shard_model(M.load_model(path), mixed_precision=bf16)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
+    engine = rollout.HFEngine(path, dtype=torch.bfloat16 if bf16 else torch.float32, batch_size=args.hf_batch_size)
+    engine.model.generation_config.min_new_tokens = args.max_new_tokens  # EOS masked until the end
+    special = set(engine.tokenizer.all_special_ids)
+    pool = torch.tensor([i for i in range(len(engine.tokenizer)) if i not in special])
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = [pool[torch.randint(0, len(pool), (args.prompt_len,), generator=gen)].tolist()
+               for _ in range(args.num_prompts)]
+    sampling = rollout.SamplingConfig(temperature=cfg.data.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+    def step():
+        t = common.time_fn(lambda: out.update(c=engine.generate(prompts, args.samples, sampling)), "cpu", 0, 1)[0]
+        episodes = [grpo.Episode(p, c.token_ids, 0.0, float(torch.randn(1, generator=gen)), c.logprobs)
+                    for p, group in zip(prompts, out["c"]) for c in group]
+        u = common.time_fn(lambda: grpo.update_policy(policy, None, optimizer, episodes, cfg, di, packed=False),
+                           "cpu", 0, 1)[0]
+        return t, u, sum(len(e.response_ids) for e in episodes)
+
+    out = {}
+    for _ in range(args.warmup):
+        step()
+    runs = [step() for _ in range(args.iters)]
+    g, u = common.median([r[0] for r in runs]), common.median([r[1] for r in runs])
+    return {"dtype": variant, "generate_s": g, "update_s": u, "step_s": g + u, "response_tokens": runs[0][2],
+            "generate_times_s": [r[0] for r in runs], "update_times_s": [r[1] for r in runs],
+            "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+            "auto_picks_bf16": M.use_bf16(torch.device("cpu"))}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(p)
+    p.add_argument("--model", default="smollm2", help="model dir / hub id / smollm2 (model.resolve_model)")
+    p.add_argument("--preset", default="smollm2-lcpo-cpu", help="grpo.py preset whose update settings are used")
+    p.add_argument("--num-prompts", type=int, default=2)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=60)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per variant (grpo.py runs 1 per process)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(device="cpu")
+    args = p.parse_args()
+    if args.device != "cpu":
+        raise SystemExit("cpu_dtype.py measures CPUs only (--device cpu); on a GPU grpo.py always computes in bf16")
+    if args.worker:
+        return common.worker_main(args, measure)
+
+    res = common.run_variants(__file__, ["float32", "bfloat16"], args.variant_timeout)
+    base = res["float32"].get("step_s")
+    rows = [r | {"speedup": base / r["step_s"] if base and "step_s" in r else None} for r in res.values()]
+    print(f"\n{args.model}: {args.num_prompts} prompts x {args.samples} samples, prompt {args.prompt_len} tokens, "
+          f"{args.max_new_tokens} new tokens, {args.threads} thread(s), {common.device_name('cpu')}\n")
+    print(common.table(rows, [("dtype", "dtype", ""), ("generate_s", "generate s", ".1f"),
+                              ("update_s", "update s", ".1f"), ("step_s", "step s", ".1f"),
+                              ("speedup", "speedup", ".2f"), ("error", "error", "")]))
+    common.write_results("cpu_dtype", args, res)
+
+
+if __name__ == "__main__":
+    main()
