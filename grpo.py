@@ -163,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def validate(cfg: Config) -> None:
+    import model as M
+
     d, g, m = cfg.data, cfg.grpo, cfg.model
     checks = [
         (d.target in ("exact", "max", "mixed", "none"), f"--target must be exact|max|mixed|none, got {d.target!r}"),
@@ -171,7 +173,7 @@ def validate(cfg: Config) -> None:
         (g.prompts_per_step % d.targets_per_problem == 0, f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --targets-per-problem ({d.targets_per_problem})"),
         (m.engine in ("auto", "hf", "vllm"), f"--engine must be auto|hf|vllm, got {m.engine!r}"),
         (m.packed in ("auto", "on", "off"), f"--packed must be auto|on|off, got {m.packed!r}"),
-        (m.dtype in ("auto", "bfloat16", "float32"), f"--dtype must be auto|bfloat16|float32, got {m.dtype!r}"),
+        (m.dtype in M.DTYPES, f"--dtype must be {'|'.join(M.DTYPES)}, got {m.dtype!r}"),
         (g.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"), f"--loss-agg must be token-mean|seq-mean-token-mean|constant, got {g.loss_agg!r}"),
         (g.group_size >= 2, f"--group-size must be >= 2 (advantages are relative within a group), got {g.group_size}"),
         (g.prompts_per_step >= 1 and g.minibatches >= 1 and g.epochs >= 1, "--prompts-per-step, --minibatches and --epochs must be >= 1"),

@@ -407,15 +407,23 @@ def response_logprobs(model: nn.Module, sequences: list[list[int]], prompt_lens:
     return getattr(model, _LOGPROB_METHOD)(*tensors, temperature, with_entropy, chunk_size)
 
 
+DTYPES = ("auto", "bfloat16", "float32")  # --dtype
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (bf16 matrix units); False where torch cannot tell."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def use_bf16(device: torch.device, choice: str = "auto") -> bool:
     """--dtype: compute in bfloat16 (over float32 master weights) or float32. auto = bfloat16 on a GPU, and on
     a CPU with AMX tiles (bf16 matrix units: a GRPO step of the CPU preset ran 1.66x faster, bench/cpu_dtype.py);
     float32 on other CPUs, which have no bf16 matrix units (there bf16 is not measured)."""
-    if choice not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"--dtype must be auto|bfloat16|float32, got {choice!r}")
+    if choice not in DTYPES:
+        raise ValueError(f"--dtype must be {'|'.join(DTYPES)}, got {choice!r}")
     if choice != "auto":
         return choice == "bfloat16"
-    return device.type == "cuda" or (device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
 
 
 def prefers_packing(model: nn.Module) -> bool:

@@ -15,6 +15,7 @@ bfloat16 pays off on CPUs with AMX tiles (bf16 matrix units); `model.use_bf16` p
 from __future__ import annotations
 
 import argparse
+import time
 
 import common
 import torch
@@ -41,22 +42,23 @@ def measure(variant: str, args) -> dict:
                for _ in range(args.num_prompts)]
     sampling = rollout.SamplingConfig(temperature=cfg.data.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
 
-    def step():
-        t = common.time_fn(lambda: out.update(c=engine.generate(prompts, args.samples, sampling)), "cpu", 0, 1)[0]
+    def step():  # -> (generate s, update s, response tokens)
+        t0 = time.perf_counter()
+        completions = engine.generate(prompts, args.samples, sampling)
+        t_gen = time.perf_counter() - t0
         episodes = [grpo.Episode(p, c.token_ids, 0.0, float(torch.randn(1, generator=gen)), c.logprobs)
-                    for p, group in zip(prompts, out["c"]) for c in group]
-        u = common.time_fn(lambda: grpo.update_policy(policy, None, optimizer, episodes, cfg, di, packed=False),
-                           "cpu", 0, 1)[0]
-        return t, u, sum(len(e.response_ids) for e in episodes)
+                    for p, group in zip(prompts, completions) for c in group]
+        t0 = time.perf_counter()
+        grpo.update_policy(policy, None, optimizer, episodes, cfg, di, packed=False)
+        return t_gen, time.perf_counter() - t0, sum(len(e.response_ids) for e in episodes)
 
-    out = {}
     for _ in range(args.warmup):
         step()
     runs = [step() for _ in range(args.iters)]
     g, u = common.median([r[0] for r in runs]), common.median([r[1] for r in runs])
     return {"dtype": variant, "generate_s": g, "update_s": u, "step_s": g + u, "response_tokens": runs[0][2],
             "generate_times_s": [r[0] for r in runs], "update_times_s": [r[1] for r in runs],
-            "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+            "amx": M.cpu_has_amx(),
             "auto_picks_bf16": M.use_bf16(torch.device("cpu"))}
 
 
