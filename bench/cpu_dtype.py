@@ -27,7 +27,7 @@ def measure(variant: str, args) -> dict:
     import rollout
 
     torch.set_num_threads(args.threads)
-    bf16 = variant == "bfloat16"
+    bf16 = M.use_bf16(torch.device("cpu"), variant)  # the decision grpo.py makes for --dtype
     path = M.resolve_model(args.model)
     di = M.init_distributed()
     cfg = grpo.parse_args(["--preset", args.preset, "--dtype", variant])
