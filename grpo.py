@@ -588,6 +588,8 @@ def train(cfg: Config) -> None:
         stats = update_policy(policy, ref_policy, optimizer, episodes, cfg, di, packed)
         if on_gpu:  # hand the trainer's cached activations back before the engine re-allocates its KV cache
             torch.cuda.empty_cache()
+        else:
+            M.release_cpu_heap()
         t3 = time.perf_counter()
 
         # 6. Push the new weights into the engine (a collective: every rank, same order).

@@ -1,9 +1,13 @@
 """model.py: chunked log-probs vs the naive full softmax, packing vs padding, FSDP2 (world 1 and 2, gloo),
 full state dict, HF checkpoints, micro-batches, and the embedded SmolLM2 model."""
 import copy
+import platform
 import random
 import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,6 +322,27 @@ def _worker(rank, world_size, port, tmp_path):
     # Passed: leave without interpreter finalization, where gloo's threads can still abort (SIGABRT, "terminate
     # called without an active exception": seen once in a clean-clone CI run; pytorch/pytorch PR 179291).
     os._exit(0)
+
+
+_RELEASE_SCRIPT = """
+import os, torch, model
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+blocks = [torch.ones(25_000) for _ in range(4000)]  # 400 MB in 100 KB blocks: glibc heap, not mmap
+keep = torch.ones(25_000)  # a live block above the freed ones: glibc cannot give them back by trimming the top
+del blocks
+before = rss(); model.release_cpu_heap(); after = rss()
+print(before, after)
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="malloc_trim is glibc's; elsewhere release_cpu_heap is a no-op")
+def test_release_cpu_heap_gives_freed_memory_back():
+    # In a fresh process, so the allocator's state is known: freed tensors stay resident until the trim.
+    out = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT], capture_output=True, text=True, check=True,
+                         cwd=Path(M.__file__).parent).stdout
+    before, after = map(float, out.split())
+    assert before - after > 300, (before, after)  # MiB
 
 
 def test_sharded_world2_gloo(tmp_path):
