@@ -4,7 +4,8 @@
         --labels exact max --out results/l1-smollm2-cpu/curves.png
 
 Each panel shows the per-step value (thin) and a 5-step moving average (thick); a run that did not log a
-metric leaves its panel empty.
+metric leaves its panel empty. `--table K` also prints, per run, the plain means of those metrics over windows
+of K steps as a markdown table (the tables in the results READMEs).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-PANELS = [("reward", "mean reward"), ("rel_len_dev", "mean |n_y - n_gold| / n_gold"),
+PANELS = [("reward", "mean reward"), ("accuracy", "training accuracy"), ("rel_len_dev", "mean |n_y - n_gold| / n_gold"),
           ("response_len", "mean response tokens"), ("over_target", "fraction over target"),
           ("len_target_corr", "r(target, response tokens) per step")]
 
@@ -21,11 +22,26 @@ def moving_average(xs: list[float], k: int = 5) -> list[float]:
     return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
 
 
+def window_table(rows: list[dict], k: int) -> str:
+    """Markdown table: plain means of the PANELS metrics (and s/step) over consecutive windows of k steps."""
+    keys = [key for key, _ in PANELS] + ["time_step"]
+    lines = ["| steps | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]
+    for i in range(0, len(rows), k):
+        w = rows[i:i + k]
+        cells = []
+        for key in keys:
+            vals = [r[key] for r in w if r.get(key) is not None]
+            cells.append(f"{sum(vals) / len(vals):.2f}" if vals else "")
+        lines.append(f"| {w[0]['step']}-{w[-1]['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files")
     p.add_argument("--labels", nargs="+")
     p.add_argument("--out", required=True)
+    p.add_argument("--table", type=int, metavar="K", help="also print per-run means over windows of K steps")
     a = p.parse_args()
     labels = a.labels or [Path(m).parent.name for m in a.metrics]
     if len(labels) != len(a.metrics):
@@ -34,9 +50,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.0 * len(PANELS), 3.4))
     for i, (path, label) in enumerate(zip(a.metrics, labels)):
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        if a.table:
+            print(f"\n{label} ({path})\n\n{window_table(rows, a.table)}\n")
         for ax, (key, title) in zip(axes, PANELS):
             logged = [r for r in rows if r.get(key) is not None]  # older runs lack len_target_corr
             xs, ys = [r["step"] for r in logged], [r[key] for r in logged]

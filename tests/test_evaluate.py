@@ -307,3 +307,18 @@ def test_several_checkpoints_share_one_engine(embedded_model_dir, one_thread, tm
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     by = {m: [r["response"] for r in recs if r["model"] == m] for m in ("base", "zeroed")}
     assert len(by["base"]) == len(by["zeroed"]) == 2 and by["base"] != by["zeroed"]
+
+
+def test_plot_curves_window_table_means(tmp_path):
+    """results/plot_curves.py --table: plain means per window of k steps, a short last window, blanks for unlogged."""
+    rows = [dict(step=s, reward=r, accuracy=a, time_step=10.0 * s) for s, r, a in
+            [(1, -0.5, 0.0), (2, 0.5, 0.5), (3, 1.0, 1.0)]]
+    rows[2]["len_target_corr"] = 0.25  # only step 3 logged it
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = subprocess.run([sys.executable, str(Path(evaluate.__file__).parent / "results" / "plot_curves.py"), str(m), "--labels", "x",
+                          "--table", "2", "--out", str(tmp_path / "c.png")], capture_output=True, text=True,
+                         check=True).stdout
+    table = [line for line in out.splitlines() if line.startswith("| 1-2") or line.startswith("| 3-3")]
+    assert table == ["| 1-2 | 0.00 | 0.25 |  |  |  |  | 15.00 |", "| 3-3 | 1.00 | 1.00 |  |  |  | 0.25 | 30.00 |"]
+    assert (tmp_path / "c.png").stat().st_size > 0
