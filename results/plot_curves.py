@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--table", type=int, metavar="K", help="also print per-run means over windows of K steps")
     a = p.parse_args()
     labels = a.labels or [Path(m).parent.name for m in a.metrics]
+    if a.table is not None and a.table < 1:
+        p.error(f"--table: K must be >= 1, got {a.table}")
     if len(labels) != len(a.metrics):
         p.error(f"--labels: need {len(a.metrics)} labels")
     import matplotlib

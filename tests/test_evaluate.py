@@ -316,9 +316,9 @@ def test_plot_curves_window_table_means(tmp_path):
     rows[2]["len_target_corr"] = 0.25  # only step 3 logged it
     m = tmp_path / "metrics.jsonl"
     m.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = subprocess.run([sys.executable, str(Path(evaluate.__file__).parent / "results" / "plot_curves.py"), str(m), "--labels", "x",
-                          "--table", "2", "--out", str(tmp_path / "c.png")], capture_output=True, text=True,
-                         check=True).stdout
+    script = Path(evaluate.__file__).parent / "results" / "plot_curves.py"
+    out = subprocess.run([sys.executable, str(script), str(m), "--labels", "x", "--table", "2",
+                          "--out", str(tmp_path / "c.png")], capture_output=True, text=True, check=True).stdout
     table = [line for line in out.splitlines() if line.startswith("| 1-2") or line.startswith("| 3-3")]
     assert table == ["| 1-2 | 0.00 | 0.25 |  |  |  |  | 15.00 |", "| 3-3 | 1.00 | 1.00 |  |  |  | 0.25 | 30.00 |"]
     assert (tmp_path / "c.png").stat().st_size > 0
