@@ -331,8 +331,11 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
     g, world, dev = cfg.grpo, dist_info.world_size, dist_info.device  # collectives need tensors on dev (NCCL)
     stats = {k: 0.0 for k in ("clip_frac", "kl", "entropy", "pg_loss", "tokens", "grad_norm", "tis_mismatch")}
     stats.update(ratio_min=float("inf"), ratio_max=0.0)
-    # With a single update per rollout pi_old is the current policy, so old_logp = logp.detach() exactly.
-    recompute_old = g.minibatches * g.epochs > 1
+    # pi_old is the policy before this batch's first optimizer step. Until that step it is the current policy, so
+    # old_logp = logp.detach() exactly: a frozen pass is needed only for what is trained after it.
+    per_mb = math.ceil(len(episodes) / g.minibatches)
+    several = g.minibatches * g.epochs > 1  # the same on every rank: each forward is a collective
+    frozen = episodes[per_mb:] if g.epochs == 1 else episodes
     dummy = Episode([0], [0], 0.0, 0.0, None)
 
     def micro(eps):  # micro-batches by a per-GPU token budget, the same count on every rank
@@ -349,18 +352,17 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
             return M.response_logprobs(net, [e.prompt_ids + e.response_ids for e in mb], [len(e.prompt_ids) for e in mb],
                                        temperature=cfg.data.temperature, packed=packed, with_entropy=entropy)
 
-    # Frozen log-probs first: pi_old (when several updates follow) and the reference, keyed by episode.
+    # Frozen log-probs first: pi_old (for the later mini-batches) and the reference, keyed by episode.
     old, ref = {}, {}
-    for net, store in ((policy, old) if recompute_old else (None, None), (ref_policy, ref)):
+    for net, eps, store in ((policy if several else None, frozen, old), (ref_policy, episodes, ref)):
         if net is None:
             continue
-        for mb in micro(episodes):
+        for mb in micro(eps):
             lp, _ = logprobs(net, mb, grad=False)
             if mb:  # (an empty, padding micro-batch only joins the collectives)
                 for e, t in zip(mb, lp.split([len(e.response_ids) for e in mb])):
                     store[id(e)] = t
 
-    per_mb = math.ceil(len(episodes) / g.minibatches)
     for _ in range(g.epochs):
         for k in range(g.minibatches):
             mbatch = episodes[k * per_mb:(k + 1) * per_mb]
@@ -381,7 +383,7 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
                 lens = torch.tensor([len(e.response_ids) for e in mb])
                 seq_ids = torch.repeat_interleave(torch.arange(len(mb)), lens).to(logp.device)
                 adv = torch.repeat_interleave(torch.tensor([e.advantage for e in mb]), lens).to(logp.device)
-                old_lp = torch.cat([old[id(e)] for e in mb]) if recompute_old else logp.detach()
+                old_lp = torch.cat([old[id(e)] for e in mb]) if id(mb[0]) in old else logp.detach()
                 ref_lp = torch.cat([ref[id(e)] for e in mb]) if ref_policy is not None else None
                 roll = None
                 if all(e.rollout_logp is not None for e in mb):

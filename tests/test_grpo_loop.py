@@ -96,7 +96,9 @@ def _update_worker(rank, world, port, model_dir, out_file):
     policy = M.shard_model(M.load_model(model_dir), mixed_precision=False)
     ref = M.shard_model(M.load_model(model_dir), mixed_precision=False)
     ref.requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
+    # Plain SGD: the weights are then linear in the gradients. AdamW's g / (|g| + eps) turns float noise in a
+    # near-zero gradient (summation order differs across ranks) into differences of lr / 10 (seen: 6e-5).
+    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
     # Perturb the reference so the KL term is not zero at the start.
     with torch.no_grad():
         for p in ref.parameters():
@@ -125,6 +127,55 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
         assert torch.allclose(w, b["weights"][name], atol=2e-6, rtol=1e-4), name
         moved += not torch.equal(w, start[name])
     assert moved == len(a["weights"])  # every tensor was updated
+
+
+def test_pi_old_is_frozen_only_for_the_later_minibatches(tiny_model_dir, monkeypatch):
+    """--minibatches 2: pi_old's frozen pass covers only the second half (the first half trains before any step,
+    so its pi_old is the current policy), and the result equals the textbook loop that freezes the whole batch."""
+    import model as M
+    from grpo import parse_args, policy_loss, update_policy
+
+    di = M.init_distributed()
+    cfg = parse_args(["--minibatches", "2", "--kl-coef", "0", "--entropy-coef", "0", "--tis-cap", "0"])
+    eps = _episodes()
+
+    def fresh():
+        torch.manual_seed(0)
+        net = M.shard_model(M.load_model(tiny_model_dir), mixed_precision=False)
+        return net, torch.optim.SGD(net.parameters(), lr=1.0)  # linear in the gradients (see _update_worker)
+
+    def lp(net, batch):
+        return M.response_logprobs(net, [e.prompt_ids + e.response_ids for e in batch],
+                                   [len(e.prompt_ids) for e in batch], temperature=0.6, packed=False)[0]
+
+    # The textbook loop: pi_old of the whole batch frozen before the first optimizer step.
+    policy, opt = fresh()
+    with torch.no_grad():
+        old = lp(policy, eps).split([len(e.response_ids) for e in eps])
+    for k in range(2):
+        mb, mb_old = eps[4 * k:4 * k + 4], torch.cat(old[4 * k:4 * k + 4])
+        lens = torch.tensor([len(e.response_ids) for e in mb])
+        opt.zero_grad()
+        adv = torch.repeat_interleave(torch.tensor([e.advantage for e in mb]), lens)
+        loss, _ = policy_loss(lp(policy, mb), mb_old, adv, torch.repeat_interleave(torch.arange(4), lens),
+                              num_seqs=4, num_tokens=int(lens.sum()), kl_coef=0.0, entropy_coef=0.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grpo.grad_clip)
+        opt.step()
+    want = {k: v.clone() for k, v in M.iter_full_state_dict(policy)}
+
+    calls, real = [], M.response_logprobs  # (grad enabled, sequences) of every forward update_policy makes
+
+    def counting(net, seqs, *a, **kw):
+        calls.append((torch.is_grad_enabled(), len(seqs)))
+        return real(net, seqs, *a, **kw)
+
+    monkeypatch.setattr(M, "response_logprobs", counting)
+    policy, opt = fresh()
+    update_policy(policy, None, opt, eps, cfg, di, packed=False)
+    assert sum(n for grad, n in calls if not grad) == 4 and sum(n for grad, n in calls if grad) == 8
+    for name, w in M.iter_full_state_dict(policy):
+        assert torch.allclose(w, want[name], atol=1e-6, rtol=1e-5), name
 
 
 def _weights_of(model_dir):
