@@ -104,11 +104,14 @@ def _update_worker(rank, world, port, model_dir, out_file):
         for p in ref.parameters():
             p.mul_(0.9)
     eps = _episodes()[rank::world]
-    stats = update_policy(policy, ref, opt, eps, cfg, di, packed=False)
-    full = {k: v.clone() for k, v in M.iter_full_state_dict(policy)}
-    if rank == 0:
-        torch.save({"weights": full, "grad_norm": stats["grad_norm"]}, out_file)
-    dist.destroy_process_group()
+    try:
+        stats = update_policy(policy, ref, opt, eps, cfg, di, packed=False)
+        full = {k: v.clone() for k, v in M.iter_full_state_dict(policy)}
+        if rank == 0:
+            torch.save({"weights": full, "grad_norm": stats["grad_norm"]}, out_file)
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # passed: skip interpreter finalization, where gloo's threads can abort (see test_model._worker)
 
 
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
