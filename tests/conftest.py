@@ -50,8 +50,8 @@ def _gloo_worker(rank, nprocs, port, fn, args):
 
     torch.set_num_threads(1)
     info = model.init_distributed()
-    assert (info.rank, info.world_size) == (rank, nprocs)  # read from the environment, as under torchrun
     try:
+        assert (info.rank, info.world_size) == (rank, nprocs)  # read from the environment, as under torchrun
         fn(info, *args)
     finally:
         dist.destroy_process_group()
