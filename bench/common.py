@@ -50,7 +50,21 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"cpu ({cpu_model()}, {len(os.sched_getaffinity(0))} cores)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 instructions (these machines differ: some have AMX, some only AVX2)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    isa = [n for n, ok in (("AMX", getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+                           ("AVX512-BF16", getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()))
+           if ok]
+    return f"{name}, {'+'.join(isa) or 'no bf16 instructions'}"
 
 
 def peak_tflops(device: str, override: float | None) -> float | None:
@@ -176,8 +190,9 @@ def worker_main(args, measure) -> None:
 
 
 def default_out(name: str, device: str) -> Path:
-    slug = "cpu" if not device.startswith("cuda") else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-    return ROOT / "bench" / "results" / f"{name}-{slug}.json"
+    """bench/results/<name>-<where>.json, <where> naming the machine: e.g. cpu-amd-epyc, nvidia-h100-80gb-hbm3."""
+    where = device_name(device) if device.startswith("cuda") else "cpu " + cpu_model().split(",")[0]
+    return ROOT / "bench" / "results" / f"{name}-{re.sub(r'[^a-z0-9]+', '-', where.lower()).strip('-')}.json"
 
 
 def write_results(name: str, args, results: dict, extra: dict | None = None) -> Path:

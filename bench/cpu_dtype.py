@@ -1,14 +1,14 @@
 """float32 vs bfloat16 on a CPU: one rank's share of a GRPO step (generate, then update) on the embedded model.
 
 The variants are grpo.py's `--dtype float32` and `--dtype bfloat16`: the FSDP2 policy (world-1 process group)
-computes in that dtype over float32 master weights, and the transformers engine holds its copy in it. One
-timed iteration:
-  generate  rollout.HFEngine: --num-prompts random-token prompts x --samples completions, exactly
-            --max-new-tokens each (EOS masked until then, so both variants generate the same token count)
+computes in that dtype over float32 master weights, and the engine holds its copy in it. One timed iteration:
+  generate  the rollout engine (--engine, as grpo.py picks it: vLLM where it imports): --num-prompts random-token
+            prompts x --samples completions, exactly --max-new-tokens each (EOS ignored, so both variants generate
+            the same token count)
   update    grpo.update_policy on those completions as episodes (seeded random advantages), under the
             grpo.py preset --preset (default smollm2-lcpo-cpu: padded micro-batches, one AdamW step)
 The defaults are one rank's share of `grpo.py --preset smollm2-lcpo-cpu` on 2 processes (2 prompts x 8).
-bfloat16 pays off on CPUs with AMX tiles (bf16 matrix units); `model.use_bf16` picks it there for --dtype auto.
+`model.use_bf16` picks bfloat16 for --dtype auto on CPUs with bf16 instructions (AMX or AVX512-BF16).
 
   python bench/cpu_dtype.py
 """
@@ -33,16 +33,19 @@ def measure(variant: str, args) -> dict:
     cfg = grpo.parse_args(["--preset", args.preset, "--dtype", variant])
     policy = M.shard_model(M.load_model(path), mixed_precision=bf16)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
-    engine = rollout.HFEngine(path, dtype=torch.bfloat16 if bf16 else torch.float32, batch_size=args.hf_batch_size)
-    engine.model.generation_config.min_new_tokens = args.max_new_tokens  # EOS masked until the end
-    special = set(engine.tokenizer.all_special_ids)
-    pool = torch.tensor([i for i in range(len(engine.tokenizer)) if i not in special])
+    engine = rollout.make_engine(args.engine, path, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                 hf_batch_size=args.hf_batch_size, max_model_len=args.prompt_len + args.max_new_tokens,
+                                 max_num_seqs=args.num_prompts * args.samples)
+    tokenizer = M.load_tokenizer(path)
+    special = set(tokenizer.all_special_ids)
+    pool = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     gen = torch.Generator().manual_seed(args.seed)
-    prompts = [pool[torch.randint(0, len(pool), (args.prompt_len,), generator=gen)].tolist()
-               for _ in range(args.num_prompts)]
-    sampling = rollout.SamplingConfig(temperature=cfg.data.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling = rollout.SamplingConfig(temperature=cfg.data.temperature, max_new_tokens=args.max_new_tokens,
+                                      seed=args.seed, ignore_eos=True)  # both variants generate the same count
 
     def step():  # -> (generate s, update s, response tokens)
+        prompts = [pool[torch.randint(0, len(pool), (args.prompt_len,), generator=gen)].tolist()
+                   for _ in range(args.num_prompts)]  # fresh ones each step, as in training
         t0 = time.perf_counter()
         completions = engine.generate(prompts, args.samples, sampling)
         t_gen = time.perf_counter() - t0
@@ -58,7 +61,7 @@ def measure(variant: str, args) -> dict:
     g, u = common.median([r[0] for r in runs]), common.median([r[1] for r in runs])
     return {"dtype": variant, "generate_s": g, "update_s": u, "step_s": g + u, "response_tokens": runs[0][2],
             "generate_times_s": [r[0] for r in runs], "update_times_s": [r[1] for r in runs],
-            "amx": M.cpu_has_amx(),
+            "engine": type(engine).__name__, "native_bf16": M.cpu_has_native_bf16(),
             "auto_picks_bf16": M.use_bf16(torch.device("cpu"))}
 
 
@@ -72,6 +75,7 @@ def main():
     p.add_argument("--prompt-len", type=int, default=60)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--engine", default="auto", help="rollout engine, as grpo.py --engine: auto | vllm | hf")
     p.add_argument("--threads", type=int, default=1, help="torch threads per variant (grpo.py runs 1 per process)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(device="cpu")

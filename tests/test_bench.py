@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HAS_VLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,17 +43,20 @@ def test_logprob_memory_chunked_below_naive(tmp_path):
     assert abs(rows["chunk-32"]["logp_mean"] - rows["naive"]["logp_mean"]) < 1e-4  # same numbers
 
 
-def test_rollout_throughput_hf_engine(embedded_model_dir, tmp_path):
-    res = run_bench("rollout_throughput", ["--model", embedded_model_dir, "--engines", "hf", "--num-prompts", "1",
+def test_rollout_throughput(embedded_model_dir, tmp_path):
+    engines = "hf,vllm" if HAS_VLLM else "hf"
+    res = run_bench("rollout_throughput", ["--model", embedded_model_dir, "--engines", engines, "--num-prompts", "1",
                                            "--samples", "2", "--prompt-len", "8", "--max-new-tokens", "4",
                                            "--sync-repeats", "1"], tmp_path)
-    hf = res["results"]["hf"]
-    assert hf.get("error") is None and hf["tokens_per_s"] > 0 and hf["sync_s"] > 0, hf
+    for name in engines.split(","):
+        r = res["results"][name]
+        assert r.get("error") is None and r["tokens_per_s"] > 0 and r["sync_s"] > 0 and r["startup_s"] > 0, r
+        assert r["gen_tokens"] == [2 * 4]  # EOS ignored: every engine generates the same token count
 
 
 def test_cpu_dtype_both_variants(embedded_model_dir, tmp_path):
     res = run_bench("cpu_dtype", ["--model", embedded_model_dir, "--num-prompts", "1", "--samples", "2",
-                                  "--prompt-len", "8", "--max-new-tokens", "4"], tmp_path)
+                                  "--prompt-len", "8", "--max-new-tokens", "4", "--engine", "hf"], tmp_path)
     rows = res["results"]
     assert set(rows) == {"float32", "bfloat16"}
     for r in rows.values():
