@@ -13,7 +13,7 @@ import pytest
 
 import rewards
 from rewards import (correctness_reward, extract_answer, grade, is_correct, lcpo_exact_reward, lcpo_max_reward,
-                     length_reward, normalize_answer)
+                     normalize_answer)
 
 TIGHT = dict(abs=1e-12)
 
@@ -39,17 +39,25 @@ def test_lcpo_exact_reference_points():
     assert lcpo_exact_reward(True, 2500, 1500, alpha=1 / 3000) == pytest.approx(2 / 3, **TIGHT)  # original code
 
 
+def _one(correct, n, target, mode):
+    g = rewards.Group(correct=[correct], lengths=[n], boxed=[True], target=target, mode=mode, limit=10_000, key="p")
+    base, length = rewards.score_group("lcpo", g, dict(alpha_exact=0.0003, alpha_max=0.001, delta=0.5))
+    return base[0] + length[0]
+
+
 def test_correctness_and_dispatch():
+    """--reward lcpo scores each prompt by its own sentence (exact or max), as the L1-Max recipe's mixed prompts
+    need; it refuses a prompt without a target."""
     assert correctness_reward(True) == 1.0 and correctness_reward(False) == 0.0
-    assert length_reward("none", True, 9999, None) == 1.0
-    assert length_reward("exact", True, 2500, 1500) == pytest.approx(0.7, **TIGHT)
-    assert length_reward("exact", True, 2500, 1500, alpha_exact=0.001) == pytest.approx(0.0, **TIGHT)
-    assert length_reward("max", True, 2250, 2000) == pytest.approx(0.25, **TIGHT)
-    assert length_reward("max", True, 2000, 2000, delta=0.3) == pytest.approx(0.3, **TIGHT)
-    with pytest.raises(ValueError, match="mode"):
-        length_reward("mixed", True, 1, 1)
-    with pytest.raises(ValueError, match="n_gold"):
-        length_reward("max", True, 1, None)
+    assert _one(True, 2500, 1500, "exact") == pytest.approx(0.7, **TIGHT)
+    assert _one(True, 2250, 2000, "max") == pytest.approx(0.25, **TIGHT)
+    assert _one(False, 2250, 2000, "max") == 0.0
+    g = rewards.Group(correct=[True], lengths=[9999], boxed=[True], target=None, mode="none", limit=10_000, key="p")
+    assert rewards.score_group("correctness", g, {}) == ([1.0], [0.0])
+    with pytest.raises(ValueError, match="--reward lcpo needs a target length in the prompt.*--target none"):
+        rewards.score_group("lcpo", g, {})
+    with pytest.raises(ValueError, match="--reward must be one of"):
+        rewards.score_group("shortest", g, {})
 
 
 # --------------------------------------------------------------------------------------------- extraction
@@ -205,24 +213,27 @@ def test_pathological_in_daemonic_worker(tmp_path):
 
 
 def test_hung_child_is_killed_within_timeout():
-    assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")  # child is up
-    pid = rewards._SYMBOLIC.proc.pid
+    assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")  # child is up (one item: the pool's first child)
+    child = rewards._POOL.children[0]
+    pid = child.proc.pid
     os.kill(pid, signal.SIGSTOP)  # simulate a hang no in-child timer can interrupt
     t = time.monotonic()
     assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}", timeout=1.0) is False
     assert time.monotonic() - t < 1.0 + 1.0
-    assert rewards._SYMBOLIC.proc is None  # killed, restarted lazily
-    assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}") is True
-    assert rewards._SYMBOLIC.proc.pid != pid
+    assert child.proc.pid != pid and not child.ready  # killed; its replacement is starting in the background
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # and reaped
+    assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}") is True  # graded once the replacement is ready
+    assert rewards._POOL.children[0].proc.pid != pid
 
 
-def test_grading_process_that_cannot_start_is_a_clear_error():
+def test_grading_process_that_cannot_start_is_a_clear_error(monkeypatch):
     """A child that dies before "ready" (e.g. math-verify not importable) raises with its stderr, instead of
     grading every symbolic item wrong at the cost of one failed start each."""
-    sym = rewards._Symbolic()
-    sym.cmd = [sys.executable, "-c", "import sys; sys.stderr.write('No module named math_verify'); sys.exit(3)"]
+    cmd = [sys.executable, "-c", "import sys; sys.stderr.write('No module named math_verify'); sys.exit(3)"]
+    monkeypatch.setattr(rewards, "_POOL", rewards._Pool(cmd))
     with pytest.raises(RuntimeError, match=r"exited with code 3 before it was ready:\nNo module named math_verify"):
-        sym.check("x+1", "1+x", 5.0)
+        grade([r"\boxed{1+x}"], ["x+1"])
 
 
 def test_grading_process_sees_the_parents_import_path(tmp_path, monkeypatch):
@@ -234,17 +245,18 @@ def test_grading_process_sees_the_parents_import_path(tmp_path, monkeypatch):
                                       "def parse(text, *a, **kw): return [text]\n"
                                       "def verify(g, p, **kw): return True\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
-    sym = rewards._Symbolic()
+    pool = rewards._Pool()
+    monkeypatch.setattr(rewards, "_POOL", pool)
     try:
-        assert sym.check("x+1", "y", 5.0) is True  # the real math-verify says False
+        assert grade([r"\boxed{y}"], ["x+1"], timeout=5.0) == [True]  # the real math-verify says False
     finally:
-        sym._kill()
+        pool.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/limits (Linux only)")
 def test_child_memory_limit():
     assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")
-    limits = Path(f"/proc/{rewards._SYMBOLIC.proc.pid}/limits").read_text()
+    limits = Path(f"/proc/{rewards._POOL.children[0].proc.pid}/limits").read_text()
     line = next(l for l in limits.splitlines() if l.startswith("Max address space"))
     assert str(rewards.CHILD_MEMORY_BYTES) in line
 
@@ -280,6 +292,157 @@ print(json.dumps(seen))
     assert [s for s in seen if any(m in s for m in ("__import__", "system(", "__class__", "__subclasses__"))] == []
 
 
+# ------------------------------------------------------------------------- the pool, its bounds, the deadline
+def _symbolic_only(golds, preds, timeout=rewards.ITEM_TIMEOUT, procs=None):
+    """The symbolic path alone (the pool, no cheap path, no cost screen) on gold/pred pairs."""
+    stats = rewards.GradeStats(item_seconds=[0.0] * len(golds))
+    done = rewards._grade_symbolic(list(zip(range(len(golds)), golds, preds)), timeout, None, procs, stats)
+    return [done.get(i, False) for i in range(len(golds))]
+
+
+MIXED = (  # (response, gold, multiple choice, expected): cheap, symbolic, multiple choice, pathological
+    [(rf"so \boxed{{{p}}}", g, False, True) for g, p in EQUIVALENT]
+    + [(rf"so \boxed{{{p}}}", g, False, False) for g, p in NOT_EQUIVALENT]
+    + [(r"\boxed{B}", "B", True, True), ("Final: C", "D", True, False), ("x" * 100_000, "3", False, False)])
+ISSUE_PATHOLOGICAL = [  # the issue's slow inputs, and relatives the cost screen or the time bound must stop
+    r"10^{10^{10^{10}}}", r"2^{2^{2^{2^{2^{2}}}}}", r"\int e^{-x^{1000}}\,dx", r"\int_0^\infty e^{-x^{1000}}\,dx",
+    r"9^9^9^9", r"9^{9^{9^{9}}}", r"(10^{8})!", r"(10!)!", r"99999999999999999999!", r"2^{3^{4^{5}}}",
+    r"{10^{100}}^{10^{100}}", r"(1+\frac{1}{10^{9}})^{10^{9}}", r"\sum_{k=1}^{10^{9}} k^{k}",
+    r"\binom{10^{10}}{10^5}", r"\Gamma(10^{10})",  # not screened: the per-item bound stops these
+]
+
+
+def _expected(items):
+    return [e for *_, e in items]
+
+
+def _grade_mixed(procs):
+    responses, golds, mcs, _ = zip(*MIXED)
+    return rewards.grade_batch(list(responses), list(golds), list(mcs), procs=procs)
+
+
+def test_pool_grades_like_serial():
+    serial, s1 = _grade_mixed(procs=1)
+    pooled, s2 = _grade_mixed(procs=2)
+    assert serial == pooled == _expected(MIXED)
+    assert (s1.procs, s2.procs) == (1, 2) and s2.symbolic > 0 and s2.items == len(MIXED)
+
+
+def test_pathological_batch_is_wrong_and_the_rest_right():
+    items = [(rf"\boxed{{{p}}}", "3", False, False) for p in ISSUE_PATHOLOGICAL] + MIXED
+    responses, golds, mcs, _ = zip(*items)
+    res, stats = rewards.grade_batch(list(responses), list(golds), list(mcs))
+    assert res == _expected(items)
+    assert stats.too_costly >= len(ISSUE_PATHOLOGICAL) - 2 and stats.left == 0
+    assert stats.bounded == stats.too_costly + stats.timeouts
+
+
+def test_deadline_marks_unfinished_items_wrong_and_counts_them():
+    symbolic = [(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}"), (r"\boxed{2x}", r"x \cdot 2"), (r"\boxed{1+x}", "x+1")]
+    responses = [r for r, _ in symbolic] + [r"\boxed{8.0}", "no boxed answer"]
+    golds = [g for _, g in symbolic] + ["8", "8"]
+    res, stats = rewards.grade_batch(responses, golds, deadline=0.0)
+    assert res == [False, False, False, True, False]  # the cheap path still runs; the symbolic items are left
+    assert (stats.symbolic, stats.left, stats.bounded) == (3, 3, 3)
+
+    # Items in hung children at the deadline are left too; the children's late answers are not mistaken for the
+    # next call's: that call's items are all wrong answers, and are graded wrong.
+    rewards.start_grader(2, wait=True)
+    pids = [c.proc.pid for c in rewards._POOL.children[:2]]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    res, stats = rewards.grade_batch(responses, golds, timeout=30.0, deadline=0.5, procs=2)
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    assert res == [False, False, False, True, False] and stats.left == 3
+    wrong = [(r"\boxed{\sin(\pi/3)}", r"\frac{1}{2}"), (r"\boxed{2y}", r"x \cdot 2"), (r"\boxed{1-x}", "x+1")] * 2
+    assert grade([r for r, _ in wrong], [g for _, g in wrong], procs=2) == [False] * 6
+    assert grade(responses, golds, procs=2) == [True, True, True, True, False]
+    assert [c.proc.pid for c in rewards._POOL.children[:2]] == pids  # no restart was needed
+
+
+def test_children_killed_mid_batch_are_replaced_and_later_items_graded_right():
+    """Child 0 hangs (killed at the per-item bound), child 1 dies mid-item (a crash): both items are wrong,
+    both children are replaced, and every later item of the batch is graded right by the replacements."""
+    rewards.start_grader(2, wait=True)
+    c0, c1 = rewards._POOL.children[:2]
+    pids = (c0.proc.pid, c1.proc.pid)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    threading.Timer(0.3, os.kill, (pids[1], signal.SIGKILL)).start()
+    items = [(r"\boxed{\sin(\pi/3)}", r"\frac{1}{2}", False, False), (r"\boxed{2y}", "2x", False, False)] + MIXED
+    responses, golds, mcs, _ = zip(*items)
+    res, stats = rewards.grade_batch(list(responses), list(golds), list(mcs), timeout=1.0, procs=2)
+    assert res == _expected(items)
+    assert (stats.timeouts, stats.crashed, stats.left) == (1, 1, 0)
+    assert c0.proc.pid not in pids and c1.proc.pid not in pids
+
+
+def _grade_mixed_results(procs):
+    return _grade_mixed(procs)[0]
+
+
+def test_pool_from_a_thread():
+    box = {}
+    th = threading.Thread(target=lambda: box.setdefault("r", _grade_mixed_results(2)))
+    th.start()
+    th.join(120)
+    assert box["r"] == _expected(MIXED)
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_pool_in_a_daemonic_worker(method):
+    """In a pool worker (daemonic); a forked one starts its own grading processes and leaves the parent's alone."""
+    assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")
+    pid = rewards._POOL.children[0].proc.pid
+    with multiprocessing.get_context(method).Pool(1) as pool:
+        assert pool.apply_async(_grade_mixed_results, (2,)).get(120) == _expected(MIXED)
+    assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}") and rewards._POOL.children[0].proc.pid == pid
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/limits (Linux only)")
+def test_every_pool_child_is_sandboxed(tmp_path):
+    """Every child has the rlimits, and none runs a payload: each child gets every payload itself."""
+    marker = tmp_path / "pwned"
+    payloads = [p[len(r"\boxed{"):-1] for p in _pathological(marker)[-4:]] + [r"\frac{1}{0}"]
+    rewards.start_grader(2, wait=True)
+    for child in rewards._POOL.children[:2]:
+        limits = Path(f"/proc/{child.proc.pid}/limits").read_text().splitlines()
+        assert str(rewards.CHILD_MEMORY_BYTES) in next(l for l in limits if l.startswith("Max address space"))
+        assert next(l for l in limits if l.startswith("Max file size")).split()[3] == "0"
+        items = [(i, "3", p) for i, p in enumerate(payloads)] + [(len(payloads), r"\frac{1}{2}", r"\sin(\pi/6)")]
+        stats = rewards.GradeStats(item_seconds=[0.0] * len(items))
+        with rewards._POOL.lock:
+            done = rewards._POOL.grade(items, 2.0, None, [child], stats)
+        assert [done[i] for i in range(len(items))] == [False] * len(payloads) + [True]
+    assert not marker.exists()
+
+
+def test_a_child_whose_audit_hook_is_off_never_becomes_ready(monkeypatch):
+    """The child checks its own hook before it reports ready: here sys.addaudithook is a no-op."""
+    root = str(Path(rewards.__file__).parent)
+    code = f"import sys; sys.path.insert(0, {root!r}); import rewards; sys.addaudithook = print; rewards._serve()"
+    monkeypatch.setattr(rewards, "_POOL", rewards._Pool([sys.executable, "-c", code]))
+    with pytest.raises(RuntimeError, match="audit hook did not refuse"):
+        grade([r"\boxed{1+x}"], ["x+1"])
+
+
+def test_cost_screen():
+    for pred in ISSUE_PATHOLOGICAL[:-2] + [r"(x+1)^{100000}", r"2^{-10^{10}}", r"10!!", r"\lim_{n\to\infty} n"]:
+        assert rewards._too_costly("3", pred), pred
+    for pred in [r"e^{-x^2}", r"2^{2023}", r"10^{100}", r"5!", r"\frac{10!}{3!4!3!}", r"(n+1)!", r"\infty",
+                 r"2^{3^2}", r"x^{1000}", r"10,\!080", r"\sin^2 x"]:
+        assert not rewards._too_costly("3", pred), pred
+    assert not rewards._too_costly(r"\int_0^1 x\,dx", r"\int_0^1 x dx")  # the gold has that operator too
+
+
+def test_default_procs(monkeypatch):
+    monkeypatch.delenv("LCPO_GRADER_PROCS", raising=False)
+    assert 1 <= rewards.default_procs() <= min(rewards.MAX_PROCS, len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("LCPO_GRADER_PROCS", "3")
+    assert rewards.default_procs() == 3
+
+
 # ---------------------------------------------------------------------------- real gold answers (done-criterion)
 def _boxed(golds):
     return [rf"Let's see. The final answer is $\boxed{{{g}}}$." for g in golds]
@@ -296,9 +459,7 @@ def test_math500_gold_self_agreement(shared_dir):
     assert len(golds) == 500
     assert _failures(golds) == []
     # and the symbolic path alone (math-verify in the child) also accepts every gold answer as itself
-    with rewards._SYMBOLIC.lock:
-        bad = [g for g in golds if not rewards._SYMBOLIC.check(g, g, 5.0)]
-    assert bad == []
+    assert [g for g, ok in zip(golds, _symbolic_only(golds, golds, 5.0)) if not ok] == []
 
 
 def test_gsm8k_gold_self_agreement(shared_dir):
