@@ -16,6 +16,8 @@ Outputs in --out: results.json, table.md, samples.jsonl, accuracy_vs_tokens.png,
 """
 from __future__ import annotations
 
+# Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
+# matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
 import argparse
 import datetime
 import importlib.metadata
@@ -24,8 +26,16 @@ import math
 import subprocess
 import sys
 import time
+import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import torch
+
+import data
+import model as M
+import rewards
+import rollout
 
 ROOT = Path(__file__).resolve().parent
 BF_CUE = "\n\nFinal Answer: The final answer is \\boxed{"
@@ -38,9 +48,9 @@ class EvalConfig:
     labels: list[str]
     data: list[str]
     budgets: list[int]
-    mode: str = "exact"                 # exact | max | none
+    target: str = "exact"               # what the prompt asks: exact | max | none (no target sentence)
     baseline: str = "none"              # none | budget-forcing
-    baseline_only: bool = False         # skip the --mode run, only the baseline
+    baseline_only: bool = False         # skip the --target run, only the baseline
     samples: int = 16                   # k samples per problem (pass@1 averaged over k)
     limit: int | None = None            # problems per dataset
     split: str = "test"
@@ -51,10 +61,11 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int | None = None   # default 2 x budget (exact, none), 8192 (max)
     seed: int = 0
-    engine: str = "auto"                # hf | vllm | auto (rollout.make_engine)
-    batch_size: int = 16                # hf engine: sequences per forward batch
-    gpu_memory_utilization: float = 0.85  # vllm engine: its share of GPU memory
-    kv_cache_gib: float = 0.0           # vllm engine: fixed KV-cache size instead (0 = from the share above)
+    engine: str = "auto"                # auto (vllm wherever it imports, else hf) | vllm | hf (rollout.make_engine)
+    dtype: str = "auto"                 # auto | bfloat16 | float32 (model.use_bf16, as in grpo.py)
+    hf_batch_size: int = 16             # hf engine: sequences per forward batch
+    vllm_gpu_memory_utilization: float = 0.85  # vllm on a GPU: its share of GPU memory
+    vllm_kv_cache_gib: float = 0.0      # vllm: a fixed KV cache (0 = on CPU sized for the batch, on GPU the share)
     out: str | None = None
     bf_max_waits: int = 100
     bf_answer_tokens: int = 32
@@ -63,7 +74,7 @@ class EvalConfig:
     merge: list[str] | None = None      # only combine these earlier --out dirs into one table and plot
 
     def max_new(self, budget: int) -> int:
-        return self.max_new_tokens or (8192 if self.mode == "max" else 2 * budget)
+        return self.max_new_tokens or (8192 if self.target == "max" else 2 * budget)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -84,13 +95,17 @@ def series_name(rec: dict) -> str:
 
 
 def budget_stats(recs: list[dict], budget: int) -> dict:
-    """accuracy = mean 1[correct]; rel_dev = mean |n_y - n_gold| / n_gold; over_budget = mean 1[n_y > n_gold]."""
+    """accuracy = mean 1[correct]; rel_dev = mean |n_y - n_gold| / n_gold; over_budget = mean 1[n_y > n_gold];
+    repeats = the fraction of responses that repeat a span of tokens (rewards.repeats; None for records written
+    before evaluate.py measured it)."""
     n_y = [r["n_tokens"] for r in recs]
+    marked = [r["repeats"] for r in recs if "repeats" in r]
     return {"n": len(recs), "problems": len({r["problem_id"] for r in recs}),
             "accuracy": sum(bool(r["correct"]) for r in recs) / len(recs),
             "mean_tokens": sum(n_y) / len(recs),
             "rel_dev": sum(abs(n - budget) / budget for n in n_y) / len(recs),
-            "over_budget": sum(n > budget for n in n_y) / len(recs)}
+            "over_budget": sum(n > budget for n in n_y) / len(recs),
+            "repeats": sum(marked) / len(marked) if marked else None}
 
 
 def summarize(records: list[dict], budgets: list[int]) -> dict:
@@ -113,6 +128,8 @@ def summarize(records: list[dict], budgets: list[int]) -> dict:
             if cells:
                 average[b] = {k: sum(c[k] for c in cells) / len(cells)
                               for k in ("accuracy", "mean_tokens", "rel_dev", "over_budget")}
+                rep = [c["repeats"] for c in cells if c.get("repeats") is not None]
+                average[b]["repeats"] = sum(rep) / len(rep) if rep else None
         out[series] = {"datasets": datasets, "average": average}
     return out
 
@@ -120,7 +137,8 @@ def summarize(records: list[dict], budgets: list[int]) -> dict:
 def format_table(summary: dict, budgets: list[int]) -> str:
     """Markdown, one table per model/method: rows datasets, columns budgets (paper layout)."""
     lines = ["cell: accuracy / mean tokens used (mean relative deviation |n_y - n_gold| / n_gold, "
-             "fraction of samples over budget); r: Pearson correlation of generated with requested length", ""]
+             "fraction of samples over budget, fraction that repeat a span: rewards.repeats); "
+             "r: Pearson correlation of generated with requested length", ""]
     for series, s in summary.items():
         lines += [f"## {series}", "", "| dataset | " + " | ".join(str(b) for b in budgets) + " | r | samples |",
                   "| --- |" + " --- |" * (len(budgets) + 2)]
@@ -138,8 +156,9 @@ def _cell(c: dict | None) -> str:
     if c is None:
         return "-"
     pct = {k: 100 * c[k] for k in ("accuracy", "rel_dev", "over_budget")}
+    rep = "" if c.get("repeats") is None else f", rep {100 * c['repeats']:.0f}%"
     return (f"{pct['accuracy']:.1f}% / {c['mean_tokens']:.0f} "
-            f"(dev {pct['rel_dev']:.0f}%, over {pct['over_budget']:.0f}%)")
+            f"(dev {pct['rel_dev']:.0f}%, over {pct['over_budget']:.0f}%{rep})")
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -174,7 +193,6 @@ def plot_accuracy_vs_tokens(summary: dict, path: Path) -> None:
 
 def plot_length_vs_target(records: list[dict], path: Path, seed: int = 0) -> None:
     """One panel per dataset: generated vs requested length per sample (jittered), mean per budget, y = x."""
-    import random
     plt, rng = _pyplot(), random.Random(seed)
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
     series = list(dict.fromkeys(series_name(r) for r in records))
@@ -257,10 +275,6 @@ def budget_forcing(engine, tokenizer, prompt_ids: list[list[int]], budget: int, 
 def evaluate_model(engine, tokenizer, label: str, problems: dict, cfg: EvalConfig, method: str,
                    log=print) -> list[dict]:
     """Generate and grade every (dataset, budget, problem, sample) of one model and method; per-sample records."""
-    import data
-    import rewards
-    from rollout import SamplingConfig
-
     records = []
     for ds, probs in problems.items():
         for budget in cfg.budgets:
@@ -271,29 +285,30 @@ def evaluate_model(engine, tokenizer, label: str, problems: dict, cfg: EvalConfi
             target = None if mode == "none" else budget
             prompts = [data.format_prompt(tokenizer, p, target, mode) for _, p in probs]
             ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in prompts]
-            sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
+            sampling = rollout.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
                                       max_new_tokens=cfg.max_new(budget), seed=cfg.seed)
-            rows = []  # (problem index, problem, prompt, sample, response, n_tokens, answer_tokens, finish, waits)
+            rows = []  # (problem index, problem, prompt, sample, response, n_tokens, answer_tokens, finish, waits,
+            #            repeats)
             if method == "budget-forcing":
                 outs = budget_forcing(engine, tokenizer, ids, budget, cfg.samples, sampling,
                                       max_waits=cfg.bf_max_waits, answer_tokens=cfg.bf_answer_tokens, cue=cfg.bf_cue)
                 for (i, p), prompt, fs in zip(probs, prompts, outs):
                     rows += [(i, p, prompt, k, tokenizer.decode(f["think_ids"] + f["answer_ids"],
                                                                 skip_special_tokens=True),
-                              len(f["think_ids"]), len(f["answer_ids"]), f["finish_reason"], f["waits"])
-                             for k, f in enumerate(fs)]
+                              len(f["think_ids"]), len(f["answer_ids"]), f["finish_reason"], f["waits"],
+                              rewards.repeats(f["think_ids"])) for k, f in enumerate(fs)]
             else:
                 outs = engine.generate(ids, cfg.samples, sampling)
                 for (i, p), prompt, cs in zip(probs, prompts, outs):
-                    rows += [(i, p, prompt, k, c.text, len(c.token_ids), 0, c.finish_reason, 0)
-                             for k, c in enumerate(cs)]
+                    rows += [(i, p, prompt, k, c.text, len(c.token_ids), 0, c.finish_reason, 0,
+                              rewards.repeats(c.token_ids)) for k, c in enumerate(cs)]
             correct = rewards.grade([r[4] for r in rows], [r[1].answer for r in rows],
                                     [r[1].multiple_choice for r in rows], last_number_fallback=cfg.last_number_fallback)
-            for (i, p, prompt, k, text, n_y, n_ans, fin, waits), ok in zip(rows, correct):
+            for (i, p, prompt, k, text, n_y, n_ans, fin, waits, rep), ok in zip(rows, correct):
                 records.append({"model": label, "method": method, "dataset": ds, "problem_id": p.id, "problem_index": i,
                                 "sample": k, "budget": budget, "target": target, "prompt": prompt, "response": text,
                                 "gold": p.answer, "n_tokens": n_y, "answer_tokens": n_ans, "finish_reason": fin,
-                                "waits": waits, "correct": bool(ok)})
+                                "waits": waits, "repeats": rep, "correct": bool(ok)})
             acc = sum(correct) / max(1, len(correct))
             log(f"[{label} · {method}] {ds} budget {budget}: rank-0 shard {len(rows)} samples, acc {acc:.3f}, "
                 f"mean tokens {sum(r[5] for r in rows) / max(1, len(rows)):.0f}, {time.time() - t0:.0f}s")
@@ -307,9 +322,11 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--labels", nargs="+", help="one label per --model (default: directory names)")
     p.add_argument("--data", nargs="+", default=["arith"], help="anything data.load_problems accepts")
     p.add_argument("--budgets", nargs="+", type=int, default=[512, 1024, 2048, 3600])
-    p.add_argument("--mode", choices=("exact", "max", "none"), default="exact")
+    p.add_argument("--target", choices=("exact", "max", "none"), default="exact",
+                   help="the prompt's length sentence, as grpo.py's --target: 'Think for N tokens.' (exact), "
+                        "'Think for maximum N tokens.' (max), or none")
     p.add_argument("--baseline", choices=("none", "budget-forcing"), default="none", help="also run S1 budget forcing")
-    p.add_argument("--baseline-only", action="store_true", help="run only the --baseline, not --mode")
+    p.add_argument("--baseline-only", action="store_true", help="run only the --baseline, not --target")
     p.add_argument("--samples", type=int, default=16, help="samples per problem")
     p.add_argument("--limit", type=int, help="problems per dataset")
     p.add_argument("--split", default="test")
@@ -321,12 +338,16 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, help="default 2 x budget (exact, none), 8192 (max)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", choices=("hf", "vllm", "auto"), default="auto")
-    p.add_argument("--batch-size", type=int, default=16, help="hf engine: sequences per batch")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm engine: share of GPU memory")
-    p.add_argument("--kv-cache-gib", type=float, default=0.0,
-                   help="vllm engine: a fixed KV cache of this many GiB. This skips vLLM's memory profiling, which "
-                        "fails when another process on the GPU frees memory meanwhile (evaluating beside a training run)")
+    p.add_argument("--engine", choices=("hf", "vllm", "auto"), default="auto",
+                   help="auto: vllm wherever it imports, else hf (transformers)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="compute dtype; auto: bfloat16 on GPUs and on CPUs with bf16 instructions")
+    p.add_argument("--hf-batch-size", type=int, default=16, help="hf engine: sequences per batch")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.85, help="vllm on a GPU: share of its memory")
+    p.add_argument("--vllm-kv-cache-gib", type=float, default=0.0,
+                   help="vllm: a fixed KV cache of this many GiB (default: on CPU sized for the batch, on a GPU from "
+                        "the memory share). On a GPU this skips vLLM's memory profiling, which fails when another "
+                        "process on the GPU frees memory meanwhile (evaluating beside a training run)")
     p.add_argument("--out", help="output dir (default runs/eval-<timestamp>)")
     p.add_argument("--bf-max-waits", type=int, default=100)
     p.add_argument("--bf-answer-tokens", type=int, default=32)
@@ -349,7 +370,6 @@ def parse_args(argv=None) -> EvalConfig:
 
 def load_datasets(cfg: EvalConfig) -> dict[str, list]:
     """{dataset name: [(index, Problem)]} for all --data (names: parent/stem of a file, or the spec on collision)."""
-    import data
     stems = [f"{Path(s).parent.name}/{Path(s).stem}".lstrip("/") if Path(s).suffix else s for s in cfg.data]
     names = stems if len(set(stems)) == len(stems) else list(cfg.data)
     mc = cfg.multiple_choice
@@ -403,12 +423,19 @@ def _architecture(model_dir: str) -> tuple | None:
     return tuple(json.dumps(c.get(k)) for k in keys)
 
 
-def _checkpoint_weights(model_dir: str):
-    """(name, tensor) pairs of a local safetensors checkpoint, file by file."""
-    from safetensors.torch import load_file
+def _max_model_len(tokenizer, shard: dict, cfg: EvalConfig, methods: list[str]) -> int:
+    """Prompt plus response tokens of the longest sequence this evaluation can generate (vLLM's max_model_len):
+    the longest prompt at the largest budget, plus the longest generation limit; budget forcing also appends its
+    cue and answer after at most `budget` thinking tokens."""
 
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        yield from load_file(str(f)).items()
+    top = max(cfg.budgets)
+    prompt = max((len(tokenizer(data.format_prompt(tokenizer, p, None if m in ("none", "budget-forcing") else top,
+                                                   "none" if m == "budget-forcing" else m),
+                                add_special_tokens=False)["input_ids"])
+                  for ps in shard.values() for _, p in ps for m in methods), default=0)
+    cue = len(tokenizer(cfg.bf_cue, add_special_tokens=False)["input_ids"])
+    response = max(cfg.max_new(top), top + cue + cfg.bf_answer_tokens if "budget-forcing" in methods else 0)
+    return prompt + response
 
 
 def merge_outputs(cfg: EvalConfig, argv: list[str]) -> dict:
@@ -438,10 +465,6 @@ def main(argv=None) -> dict | None:
     cfg = parse_args(argv)
     if cfg.merge:
         return merge_outputs(cfg, sys.argv[1:] if argv is None else list(argv))
-    import torch
-    import model as M
-    import rollout
-
     t0 = time.time()
     own_group = not torch.distributed.is_initialized()
     info = M.init_distributed()
@@ -449,7 +472,7 @@ def main(argv=None) -> dict | None:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     out = Path(cfg.out or ROOT / "runs" / f"eval-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     shard = {ds: ps[rank::world] for ds, ps in load_datasets(cfg).items()}  # rank r takes problems r::world
-    methods = ([] if cfg.baseline_only else [cfg.mode]) + ([cfg.baseline] if cfg.baseline != "none" else [])
+    methods = ([] if cfg.baseline_only else [cfg.target]) + ([cfg.baseline] if cfg.baseline != "none" else [])
     records, model_dirs, engine, engine_arch = [], {}, None, None
     for name, label in zip(cfg.models, cfg.labels):
         model_dirs[label] = model_dir = M.resolve_model(name)
@@ -458,16 +481,19 @@ def main(argv=None) -> dict | None:
         if engine is not None and arch is not None and arch == engine_arch:
             # Same shapes: push the next checkpoint's weights into the live engine (vLLM allows one engine with
             # sleep mode per process, and it is faster than building a new one).
-            engine.load_weights(_checkpoint_weights(model_dir))
+            engine.load_weights(M.read_safetensors(model_dir).items())
         else:
             if engine is not None:
                 engine.close()
-            # A fixed KV cache (vllm/config/cache.py CacheConfig.kv_cache_memory_bytes) makes gpu_worker.py
-            # determine_available_memory skip its profiling, in 0.26.0 and 0.32.0 alike.
-            kv = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)} if cfg.kv_cache_gib > 0 else {}
+            # One generate call covers a dataset's problems x samples at one budget; vLLM preallocates buffers per
+            # concurrent sequence, so at most 256 run at once (its default) and the rest queue.
+            max_seqs = min(256, max(len(ps) for ps in shard.values()) * cfg.samples)
             engine = rollout.make_engine(cfg.engine, model_dir, info.device, seed=cfg.seed + rank,  # own stream per rank
-                                         batch_size=cfg.batch_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                         **kv)
+                                         dtype=torch.bfloat16 if M.use_bf16(info.device, cfg.dtype) else torch.float32,
+                                         hf_batch_size=cfg.hf_batch_size, max_model_len=_max_model_len(
+                                             tokenizer, shard, cfg, methods), max_num_seqs=max(1, max_seqs),
+                                         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                         vllm_kv_cache_bytes=int(cfg.vllm_kv_cache_gib * 2**30) or None)
             engine_arch = arch
         for method in methods:
             records += evaluate_model(engine, tokenizer, label, shard, cfg, method, log=log)

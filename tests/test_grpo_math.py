@@ -145,10 +145,29 @@ def test_cli_presets_and_bad_flags(capsys):
                          (["--group-size", "1"], "--group-size"), (["--prompts-per-step", "10", "--minibatches", "3"], "--minibatches"),
                          (["--preset", "nope"], "--preset"), (["--lr", "abc"], "--lr"), (["--dtype", "fp16"], "--dtype"),
                          (["--prompts-per-step", "9", "--minibatches", "1", "--targets-per-problem", "2"], "--targets-per-problem"),
-                         (["--target-min", "10", "--target-max", "12", "--targets-per-problem", "4"], "--targets-per-problem")):
+                         (["--target-min", "10", "--target-max", "12", "--targets-per-problem", "4"], "--targets-per-problem"),
+                         (["--reward", "shortest"], "--reward must be one of lcpo|"),
+                         (["--reward", "lcpo-max", "--target", "none"], "--reward lcpo-max scores the length against the "
+                          "prompt's target, and --target none writes no target"),
+                         (["--target", "none"], "--reward lcpo scores"),  # plain GRPO is --reward correctness
+                         (["--dapo-cache", "5000"], "--dapo-cache")):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert needle in capsys.readouterr().err
+    for name in ("correctness", "dapo", "laser", "thinkprune", "cosine", "kimi", "efficient", "shorterbetter",
+                 "grpo-lead", "alp", "hapo"):  # rewards without a target run with prompts without one
+        assert parse_args(["--reward", name, "--target", "none"]).reward.reward == name
+    cfg = parse_args(["--reward", "laser", "--laser-budget", "64", "--laser-bonus", "0.25"])
+    assert cfg.reward.constants() == {"budget": 64, "bonus": 0.25}
+
+
+def test_help_says_what_each_flag_takes(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--target TARGET the prompt's sentence: exact (\"Think for N tokens.\") | max" in out
+    assert "mixed (each prompt exact or max, 50/50: the L1-Max recipe) | none (no target) (default: exact)" in out
+    assert "| grpo-lead | alp | hapo (default: lcpo)" in out and "--engine ENGINE rollout engine: auto" in out
 
 
 def test_pearson_from_sums_matches_numpy():

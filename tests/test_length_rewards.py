@@ -1,0 +1,177 @@
+"""The length-reward family of rewards.py: exact values on a hand-computed group, each paper's edge cases, the group
+rewards against a plain loop over responses, HAPO's history, the repetition measure, and the --reward flag rules."""
+import math
+import random
+
+import pytest
+
+import rewards as R
+from rewards import Group
+
+TIGHT = dict(abs=1e-8)
+
+# The hand-computed group: L = 100, T = 50; two correct (40 and 60 tokens), a wrong boxed answer (30 tokens) and a
+# response cut at the limit without an answer (100 tokens).
+G4 = Group(correct=[True, True, False, False], lengths=[40, 60, 30, 100], boxed=[True, True, True, False],
+           target=50, mode="exact", limit=100, key="p0")
+
+
+def reward(name, g=G4, history=None, **constants):
+    base, length = R.REWARDS[name](g, **constants, **({"history": history} if name == "hapo" else {}))
+    assert len(base) == len(length) == len(g.lengths)
+    return [b + x for b, x in zip(base, length)], base, length
+
+
+def approx(xs):
+    return pytest.approx(xs, **TIGHT)
+
+
+COS = {n: math.cos(math.pi * n / 100) for n in (30, 40, 60, 100)}
+
+
+@pytest.mark.parametrize("name, constants, rewards, base", [
+    ("lcpo-exact", dict(alpha=0.01), [0.9, 0.9, -0.2, -0.5], [1, 1, 0, 0]),  # c - 0.01 |50 - n|
+    ("lcpo-max", dict(alpha=0.01), [0.6, 0.4, 0.0, 0.0], [1, 1, 0, 0]),  # c clip(0.01 (50 - n) + 0.5, 0, 1)
+    ("correctness", {}, [1, 1, 0, 0], [1, 1, 0, 0]),
+    ("dapo", dict(cache=20), [1, 1, -1, -2], [1, 1, -1, -1]),  # +-1, then (80 - n) / 20 past 80: -1 at 100
+    ("laser", dict(budget=50), [1.5, 1, -0.5, -1], [1, 1, -0.5, -1]),  # R0 +1 / -0.5 / -1 (no box), +0.5 if n <= 50
+    ("thinkprune", dict(cap=50), [1, 0, 0, 0], [1, 1, 0, 0]),  # the 60-token correct answer is over the cap
+    ("cosine", {}, [0.5 + 0.25 * (1 + COS[40]), 0.5 + 0.25 * (1 + COS[60]), -0.5 - 0.25 * (1 + COS[30]),
+                    -0.5 - 0.25 * (1 + COS[100])], [1.0, 1.0, -1.0, -1.0]),
+    # lambda = 0.5 - (n - 30) / 70: 5/14, 1/14, 0.5, -0.5; correct + 0.5 lambda, wrong 0.5 min(0, lambda)
+    ("kimi", dict(weight=0.5), [1 + 5 / 28, 1 + 1 / 28, 0.0, -0.25], [1, 1, 0, 0]),
+    # correct lengths 40, 60 (the cut one is wrong): mean 50, population std 10, z = -1, +1
+    ("efficient", dict(alpha=0.1), [1 - 0.1 / (1 + math.e), 1 - 0.1 / (1 + math.exp(-1)), 0, 0], [1, 1, 0, 0]),
+    ("shorterbetter", dict(a=2.0, b=0.01), [2.0, 1.8, -0.1, -0.6], [2, 2, 0, 0]),  # SOL = 40
+    # correct: sample std 10 sqrt(2), z = -+1/sqrt(2); wrong boxed -1, no answer 0
+    ("grpo-lead", dict(alpha=0.05), [math.exp(0.05 / math.sqrt(2)), math.exp(-0.05 / math.sqrt(2)), -1.0, 0.0],
+     [1, 1, -1, 0]),
+    ("alp", dict(beta=0.5), [0.9, 0.85, -0.075, -0.25], [1, 1, 0, 0]),  # half solved: 0.5 * 0.5 * n / 100
+])
+def test_exact_values_on_a_hand_computed_group(name, constants, rewards, base):
+    r, b, _ = reward(name, **constants)
+    assert r == approx(rewards) and b == approx(base)
+
+
+def test_hapo_values_and_history():
+    # h unset: no length term
+    assert reward("hapo", history=R.HapoHistory())[0] == approx([1, 1, 0, 0])
+    history = R.HapoHistory()
+    history.update({"p0": 50})
+    f = [math.cos(math.pi / 2 * n / 50) for n in (40, 60, 30)]  # n < 2h; n = 100 = 2h gives -1
+    r, _, _ = reward("hapo", history=history, weight=1.0)
+    assert r == approx([1 + f[0], 1 + max(-0.7, f[1]), min(0.0, f[2]), -1.0])
+    assert f[2] > 0 and f[1] < 0  # so the clips matter: a wrong short answer gets 0, not a bonus
+    far = Group(correct=[True], lengths=[90], boxed=[True], target=None, mode="none", limit=100, key="p0")
+    assert reward("hapo", far, history=history)[0] == approx([1 - 0.7])  # cos(0.9 pi) = -0.95, clipped at -0.7
+    # the history keeps the shortest correct length per problem, across steps and ranks
+    assert history.shortest_correct([G4]) == {"p0": 40}
+    history.update(history.shortest_correct([G4]))
+    history.update({"p0": 45, "p1": 7})
+    assert history.h == {"p0": 40, "p1": 7}
+    again = R.HapoHistory()
+    again.load_state_dict(history.state_dict())
+    assert again.h == history.h
+
+
+def test_defaults_at_our_scale():
+    """A length constant of 0 is derived from the limit L (100 here) as each docstring says."""
+    assert reward("dapo")[0] == reward("dapo", cache=20)[0]  # L // 5
+    assert reward("laser")[0] == reward("laser", budget=25)[0]  # L // 4: no correct answer is that short
+    assert reward("thinkprune")[0] == reward("thinkprune", cap=75)[0] == approx([1, 1, 0, 0])
+    assert reward("cosine")[0] == reward("cosine", max_len=100)[0]
+    assert reward("shorterbetter")[0] == approx(reward("shorterbetter", b=0.06)[0])  # 0.001 * 6000 / L
+    # LCPO's defaults are the paper's
+    assert reward("lcpo-exact")[0] == approx([1 - 0.003, 1 - 0.003, -0.006, -0.015])
+
+
+def group(correct, lengths, boxed=None, limit=100, target=50, key="p"):
+    return Group(correct=correct, lengths=lengths, boxed=boxed or [True] * len(correct), target=target, mode="exact",
+                 limit=limit, key=key)
+
+
+def test_edge_cases_each_paper_defines():
+    none_right = group([False] * 3, [10, 20, 30])
+    assert reward("efficient", none_right)[0] == [0, 0, 0]
+    assert reward("shorterbetter", none_right, b=0.1)[0] == approx([-1.0, 0.0, -1.0])  # SOL = the mean length, 20
+    assert reward("grpo-lead", none_right)[0] == [-1, -1, -1]
+    assert reward("kimi", none_right, weight=1.0)[0] == approx([0, 0, -0.5])  # wrong: only the penalty side
+    assert reward("alp", none_right, beta=1.0)[0] == approx([-0.1 / 3, -0.2 / 3, -0.1])  # p_solved floored at 1/G
+    equal = group([True, False, True], [20, 20, 20])
+    assert reward("kimi", equal)[0] == [1, 0, 1]  # lambda = 0 when all lengths are equal
+    assert reward("efficient", equal, alpha=0.1)[0] == approx([0.95, 0, 0.95])  # z = 0: 1 - alpha / 2
+    assert reward("grpo-lead", equal)[0] == approx([1, -1, 1])
+    single = group([False, True, False], [10, 20, 30])
+    assert reward("efficient", single, alpha=0.1)[0] == approx([0, 0.95, 0])
+    assert reward("grpo-lead", single)[0] == approx([-1, 1, -1])  # std taken as 1: z = 0
+    assert reward("shorterbetter", single, b=0.1)[0] == approx([-1.0, 2.0, -1.0])  # SOL = its own length
+    cut = group([True, True], [50, 100])  # the second ran into the limit
+    assert reward("efficient", cut, alpha=0.1)[0] == approx([0.95, 0])  # cut: 0, and not in the statistics
+    assert reward("dapo", cut)[0] == approx([1, 0])
+    assert reward("thinkprune", cut)[0] == approx([1, 0])
+    assert reward("cosine", cut)[0] == approx([0.75, 0.5])
+
+
+def _loop_reference(name, g: Group, **k):
+    """The group rewards written as a plain loop over responses, straight from the papers' equations."""
+    out = []
+    right = [n for n, c in zip(g.lengths, g.correct) if c]
+    for c, n in zip(g.correct, g.lengths):
+        if name == "kimi":
+            lo, hi = min(g.lengths), max(g.lengths)
+            lam = 0.0 if lo == hi else 0.5 - (n - lo) / (hi - lo)
+            out.append(float(c) + k["weight"] * (lam if c else min(0.0, lam)))
+        elif name == "efficient":
+            ok = [m for m, cc in zip(g.lengths, g.correct) if cc and m < g.limit]
+            if not (c and n < g.limit):
+                out.append(0.0)
+                continue
+            mean = sum(ok) / len(ok)
+            std = math.sqrt(sum((m - mean) ** 2 for m in ok) / len(ok))
+            out.append(1 - k["alpha"] / (1 + math.exp(-(n - mean) / (std + 1e-7))))
+        elif name == "shorterbetter":
+            sol = min(right) if right else sum(g.lengths) / len(g.lengths)
+            out.append(k["a"] * c - k["b"] * abs(n - sol))
+        elif name == "grpo-lead":
+            if not c:
+                out.append(-1.0)
+                continue
+            mean = sum(right) / len(right)
+            std = math.sqrt(sum((m - mean) ** 2 for m in right) / (len(right) - 1)) if len(right) > 1 else 1.0
+            out.append(math.exp(-k["alpha"] * (n - mean) / (std + 1e-6)))
+        elif name == "alp":
+            out.append(float(c) - k["beta"] * max(len(right) / len(g.correct), 1 / len(g.correct)) * n / g.limit)
+    return out
+
+
+@pytest.mark.parametrize("name, k", [("kimi", dict(weight=0.7)), ("efficient", dict(alpha=0.3)),
+                                     ("shorterbetter", dict(a=2.0, b=0.02)), ("grpo-lead", dict(alpha=0.05)),
+                                     ("alp", dict(beta=0.4))])
+def test_group_rewards_against_a_loop(name, k):
+    rng = random.Random(0)
+    for _ in range(200):
+        size = rng.randint(1, 8)
+        g = group([rng.random() < 0.5 for _ in range(size)], [rng.randint(1, 100) for _ in range(size)])
+        assert reward(name, g, **k)[0] == approx(_loop_reference(name, g, **k)), g
+
+
+def test_score_group_and_target_rules():
+    no_target = Group(correct=[True], lengths=[5], boxed=[True], target=None, mode="none", limit=100, key="p")
+    for name in R.NEEDS_TARGET:
+        with pytest.raises(ValueError, match=f"--reward {name} needs a target.*--target none"):
+            R.score_group(name, no_target, {})
+    for name in set(R.REWARDS) - set(R.NEEDS_TARGET):
+        base, length = R.score_group(name, no_target, {}, R.HapoHistory())
+        assert len(base) == len(length) == 1
+    mixed = [G4, Group(**{**G4.__dict__, "mode": "max"})]  # lcpo follows each prompt's sentence
+    consts = dict(alpha_exact=0.01, alpha_max=0.01, delta=0.5)
+    assert [sum(map(sum, R.score_group("lcpo", g, consts))) for g in mixed] == approx([1.1, 1.0])
+
+
+def test_repeats():
+    sentence = [11, 12, 13, 14, 15, 16, 17, 18, 19]
+    assert R.repeats(sentence * 3)  # the same 9-token line three times
+    assert not R.repeats(sentence * 2 + [1, 2, 3])
+    assert R.repeats([7] * 10)  # one token over and over: the 8-gram occurs 3 times (overlapping)
+    assert not R.repeats([7] * 9) and not R.repeats(list(range(200)))
+    assert not R.repeats([])
