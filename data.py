@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+# Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
+# matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
 import json
 import logging
 import random
@@ -45,15 +47,23 @@ def _gold(value, gsm8k: bool) -> str | None:
 
 
 def _read_rows(path: Path) -> list[tuple[str, object]]:
-    """(where, row) pairs; `where` is "line N" (1-based) for jsonl, "row index N" for json/parquet."""
+    """(where, row) pairs; `where` is "line N" (1-based) for jsonl, "row index N" for json/parquet. A jsonl line that
+    is not JSON, or not UTF-8, becomes the row `_BadRow(why)`, left to the caller (an error, or --skip-bad)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return [(f"row index {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    text = path.read_text(encoding="utf-8")
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's errors do not always name the file
+            raise ValueError(f"{path}: cannot read it as parquet: {type(e).__name__}: {e}") from None
+        return [(f"row index {i}", r) for i, r in enumerate(table.to_pylist())]
+    raw = path.read_bytes()
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ValueError(f"{path}: line {line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
         except json.JSONDecodeError as e:  # "Extra data" = one object per line: read it as jsonl below
             if "Extra data" not in str(e):
                 raise ValueError(f"{path}: invalid JSON: {e}") from None
@@ -62,13 +72,40 @@ def _read_rows(path: Path) -> list[tuple[str, object]]:
                 raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
             return [(f"row index {i}", r) for i, r in enumerate(data)]
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n}: invalid JSON: {e}") from None
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {n}", json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError as e:
+            rows.append((f"line {n}", _BadRow(f"not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1})")))
+        except json.JSONDecodeError as e:
+            rows.append((f"line {n}", _BadRow(f"invalid JSON: {e}")))
     return rows
+
+
+@dataclass
+class _BadRow:
+    why: str
+
+
+def _problem_of(row, qf: str, af: str, gsm8k: bool) -> tuple[str, str] | str:
+    """(question, gold answer) of a row, or why it is bad."""
+    if isinstance(row, _BadRow):
+        return row.why
+    if not isinstance(row, dict):
+        return f"a {type(row).__name__}, not an object"
+    q, a = row.get(qf), row.get(af)
+    if q is not None and not isinstance(q, str):
+        return f"{qf!r} is a {type(q).__name__}, not text"
+    if a is not None and not isinstance(a, (str, int, float)) or isinstance(a, bool):
+        return f"{af!r} is a {type(a).__name__}, not text or a number"
+    gold = _gold(a, gsm8k)
+    if not (q or "").strip():
+        return f"missing or empty {qf!r}"
+    if gold is None:
+        return f"missing or empty {af!r}" + (gsm8k * ' (no "#### ")')
+    return q.strip(), gold
 
 
 def _pick_field(keys, given: str | None, candidates: tuple[str, ...], what: str, where: str) -> str:
@@ -86,24 +123,21 @@ def _rows_to_problems(rows, where: str, source: str, *, question_field, answer_f
                       skip_bad) -> list[Problem]:
     if not rows:
         raise ValueError(f"{where}: dataset is empty")
-    first = rows[0][1] if isinstance(rows[0][1], dict) else {}
+    first = next((r for _, r in rows if isinstance(r, dict)), {})
     qf = _pick_field(first.keys(), question_field, ("question", "problem", "prompt"), "question", where)
     af = _pick_field(first.keys(), answer_field, ("answer",), "answer", where)
     gsm8k = isinstance(first.get(af), str) and "####" in first[af]
     problems, bad = [], []
     for i, (row_where, row) in enumerate(rows):
-        row = row if isinstance(row, dict) else {}
-        q, a = row.get(qf), _gold(row.get(af), gsm8k)
-        q = q.strip() if isinstance(q, str) else ""
-        if not q or a is None:
-            what = f"missing or empty {qf!r}" if not q else f"missing or empty {af!r}" + (gsm8k * ' (no "#### ")')
+        got = _problem_of(row, qf, af, gsm8k)
+        if isinstance(got, str):
             if not skip_bad:
-                raise ValueError(f"{where}: {row_where}: {what} (pass skip_bad=True / --skip-bad to drop such rows)")
-            bad.append(row_where)
+                raise ValueError(f"{where}: {row_where}: {got} (pass skip_bad=True / --skip-bad to drop such rows)")
+            bad.append(f"{row_where}: {got}")
             continue
-        problems.append(Problem(q, a, source, f"{source}:{i}", multiple_choice))
+        problems.append(Problem(*got, source, f"{source}:{i}", multiple_choice))
     if bad:
-        log.warning("%s: skipped %d bad rows (missing/empty question or answer), first: %s", where, len(bad), bad[0])
+        log.warning("%s: skipped %d bad rows (--skip-bad), first: %s", where, len(bad), bad[0])
     if not problems:
         raise ValueError(f"{where}: no usable rows")
     return problems
@@ -138,7 +172,12 @@ def load_problems(spec: str, *, question_field: str | None = None, answer_field:
         return _rows_to_problems(_read_rows(path), str(path), source, **kw)[:limit]
     import datasets  # hub dataset (needs network or a populated HF cache)
 
-    ds = datasets.load_dataset(spec, config, split=split)
+    try:
+        ds = datasets.load_dataset(spec, config, split=split)
+    except Exception as e:  # no network, no such dataset, no such split: datasets' many error types
+        raise ValueError(f"--data {spec}: not a local file, and the hub dataset could not be loaded "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); offline, a local "
+                         ".jsonl / .json / .parquet file or arith works") from e
     rows = [(f"row index {i}", r) for i, r in enumerate(ds)]
     return _rows_to_problems(rows, f"{spec}[{split}]", f"{spec}/{split}", **kw)[:limit]
 

@@ -130,6 +130,60 @@ def test_bad_files_and_fields(tmp_path):
     assert load_problems(f, question_field="q", answer_field="a")[0].answer == "1"
 
 
+def test_bad_input_on_purpose(tmp_path, caplog):
+    """Each malformed input is an error naming the file and the row or field, or with skip_bad a count in the log."""
+    good = json.dumps({"question": "Q", "answer": "1"})
+    cases = {
+        "malformed.jsonl": (good + "\n{oops\n" + good, r"malformed\.jsonl: line 2: invalid JSON"),
+        "type.jsonl": (good + "\n" + json.dumps({"question": 7, "answer": "1"}),
+                       r"type\.jsonl: line 2: 'question' is a int, not text"),
+        "answer_type.jsonl": (good + "\n" + json.dumps({"question": "Q", "answer": ["1"]}),
+                              r"answer_type\.jsonl: line 2: 'answer' is a list, not text or a number"),
+        "row.jsonl": (good + "\n[1, 2]", r"row\.jsonl: line 2: a list, not an object"),
+    }
+    for name, (text, match) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_problems(str(tmp_path / name))
+        with caplog.at_level(logging.WARNING, logger="data"):
+            assert len(load_problems(str(tmp_path / name), skip_bad=True)) == text.count("\n")  # all but one
+        assert f"{name}: skipped 1 bad rows (--skip-bad), first: line 2" in caplog.text
+        caplog.clear()
+    (tmp_path / "latin1.jsonl").write_bytes(good.encode() + b'\n{"question": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl: line 2: not UTF-8 \(byte 0xe9 at column 18\)"):
+        load_problems(str(tmp_path / "latin1.jsonl"))
+    assert len(load_problems(str(tmp_path / "latin1.jsonl"), skip_bad=True)) == 1
+    (tmp_path / "latin1.json").write_bytes(b'[{"question": "Q",\n "answer": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=r"latin1\.json: line 2: not UTF-8 \(byte 0xe9 at offset 34\)"):
+        load_problems(str(tmp_path / "latin1.json"))
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: dataset is empty"):
+        load_problems(str(tmp_path / "empty.jsonl"))
+    huge = "How many? " + "x" * 3_000_000  # a row of megabytes loads (grpo.py then drops it as over the prompt limit)
+    _write_jsonl(tmp_path / "huge.jsonl", [{"question": huge, "answer": "1"}, {"question": "Q", "answer": "2"}])
+    assert [len(p.question) for p in load_problems(str(tmp_path / "huge.jsonl"))] == [len(huge), 1]
+
+
+def test_parquet_with_missing_columns_and_a_hub_name_offline(tmp_path, monkeypatch):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"problem": ["Q"], "solution": ["1"]}), tmp_path / "cols.parquet")
+    with pytest.raises(ValueError, match=r"cols\.parquet: no answer field among \['answer'\]; fields: "
+                                         r"\['problem', 'solution'\]; name it with .*--answer-field"):
+        load_problems(str(tmp_path / "cols.parquet"))
+    assert load_problems(str(tmp_path / "cols.parquet"), answer_field="solution")[0].answer == "1"
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"broken\.parquet: cannot read it as parquet"):
+        load_problems(str(tmp_path / "broken.parquet"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
+    with pytest.raises(ValueError, match=r"--data no-such-org/no-such-dataset: not a local file, and the hub "
+                                         r"dataset could not be loaded .*offline, a local"):
+        load_problems("no-such-org/no-such-dataset")
+
+
 def test_bad_targets_and_modes():
     for lo, hi in [(500, 100), (0, 10), (-5, 10)]:
         with pytest.raises(ValueError, match=r"lo=.*hi=.*--target-min/--target-max"):

@@ -1,0 +1,138 @@
+"""Faults on purpose: the whole 2-process run killed with SIGKILL at named moments, then --resume; what a killed run
+leaves on disk (a .tmp directory, a checkpoint without state.json, a truncated shard); and resumes with other
+settings. The kill points are deterministic (checkpoint.fault_point, LCPO_FAULT=<point>:<step>), so no test passes
+by luck; a tiny random Llama with SmolLM2's tokenizer keeps each run to seconds."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, _env, _metrics, _weights, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [*TINY, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "0", "--seed", "3"]
+
+
+def _run(model_dir, out, *extra, nproc=2, fault=None, timeout=300):
+    """grpo.py under torchrun in its own session (a fault kills that whole process group, torchrun included)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+              "127.0.0.1", "--master_port", str(free_port())] if nproc > 1 else [sys.executable]
+    env = _env(**({"LCPO_FAULT": fault} if fault else {}))
+    return subprocess.run([*launch, str(ROOT / "grpo.py"), *RUN, "--model", model_dir, "--out", str(out), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):
+    """The uninterrupted run every crashed-and-resumed run must equal."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    r = _run(tiny_model_dir, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _assert_same_run(a: Path, b: Path):
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["step"] for m in mb] == [1, 2, 3, 4]  # no step repeated, none missing
+    for x, y in zip(ma, mb):
+        for k in ("reward", "accuracy", "response_len", "kl", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+    wa, wb = _weights(a / "checkpoints" / "step_000004"), _weights(b / "checkpoints" / "step_000004")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def test_sigkill_anywhere_then_resume_equals_the_straight_run(straight, tiny_model_dir, tmp_path):
+    """One run killed four times, each resume killed again at the next point, then resumed to the end: the same
+    weights and metrics as the uninterrupted run, no step repeated or missing."""
+    out = tmp_path / "run"
+    chain = [  # (kill point, the checkpoint the next resume must start from, what the kill left half written)
+        ("generate:2", "step_000001", None),  # the step's responses generated, nothing trained
+        ("update:3", "step_000002", None),  # one optimizer step of the batch taken
+        ("save:3", "step_000002", "step_000003.tmp"),  # mid-checkpoint: the model written, the optimizer not
+        ("metrics:4", "step_000003", None),  # the step's metrics line written, its checkpoint not
+    ]
+    for i, (fault, resumed_from, skipped) in enumerate(chain):
+        r = _run(tiny_model_dir, out, *(["--resume"] if i else []), fault=fault)
+        assert r.returncode == -signal.SIGKILL, (fault, r.returncode, r.stderr[-2000:])  # torchrun itself killed
+        if i:
+            assert f"resumed from {out / 'checkpoints' / chain[i - 1][1]}" in r.stderr, fault
+        if i and chain[i - 1][2]:
+            left = out / "checkpoints" / chain[i - 1][2]
+            assert f"skipping {left}: a save that did not finish (.tmp)" in r.stderr
+        if skipped:
+            assert (out / "checkpoints" / skipped).is_dir()
+            assert not (out / "checkpoints" / skipped / "state.json").exists()
+    with open(out / "metrics.jsonl", "a") as f:  # and a line half written when the last kill came
+        f.write('{"step": 5, "rew')
+    r = _run(tiny_model_dir, out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step_000003'} at step 3" in r.stderr
+    assert "dropped 2 metrics line(s) of steps after 3" in r.stderr  # step 4's line and the half-written one
+    _assert_same_run(straight, out)
+
+
+def test_what_a_killed_run_leaves_behind(straight, tiny_model_dir, tmp_path):
+    """Incomplete checkpoints are skipped, each named with why; a complete-looking one that cannot be read is an
+    error naming the file, never a start from scratch; and the run directory is left as it was."""
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    ckpts = out / "checkpoints"
+    (ckpts / "step_000005.tmp").mkdir()
+    shutil.copytree(ckpts / "step_000004", ckpts / "step_000006")
+    (ckpts / "step_000006" / "state.json").unlink()
+    r = _run(tiny_model_dir, out, "--resume", nproc=1)  # --steps 4: nothing left to train
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipping {ckpts / 'step_000005.tmp'}: a save that did not finish (.tmp)" in r.stderr
+    assert f"skipping {ckpts / 'step_000006'}: no state.json: the save did not finish" in r.stderr
+    assert f"resumed from {ckpts / 'step_000004'} at step 4" in r.stderr
+
+    before = {p: p.read_bytes() for p in (out / "config.json", out / "metrics.jsonl")}
+    model = ckpts / "step_000004" / "model" / "model.safetensors"
+    size = model.stat().st_size
+    with open(model, "r+b") as f:
+        f.truncate(size - 100)
+    r = _run(tiny_model_dir, out, "--resume", nproc=1)
+    assert r.returncode != 0
+    assert f"cannot resume from checkpoint {ckpts / 'step_000004'}: {model} has {size - 100} bytes, {size} when it " \
+           "was written (truncated or overwritten)" in r.stderr
+    shutil.copy(straight / "checkpoints" / "step_000004" / "model" / "model.safetensors", model)
+    shard = next((ckpts / "step_000004" / "optim").glob("*.distcp"))
+    shard.write_bytes(b"")
+    r = _run(tiny_model_dir, out, "--resume", nproc=1)
+    assert r.returncode != 0 and f"{shard} has 0 bytes" in r.stderr
+    (ckpts / "step_000004" / "state.json").write_text('{"step": 4, "stream"')
+    r = _run(tiny_model_dir, out, "--resume", nproc=1)
+    assert r.returncode != 0 and f"{ckpts / 'step_000004' / 'state.json'} cannot be read" in r.stderr
+    assert {p: p.read_bytes() for p in before} == before  # the failed resumes touched nothing
+
+    # bad data on resume: an error naming the file and line, and nothing written either
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q", "answer": "1"}\n{oops\n')
+    r = _run(tiny_model_dir, out, "--resume", "--data", str(bad), nproc=1)
+    assert r.returncode != 0 and f"{bad}: line 2: invalid JSON" in r.stderr
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_resume_with_other_settings(straight, tiny_model_dir, tmp_path):
+    """The README's rule: settings that define the run (model, data, reward, optimization, seed) are refused on
+    resume, naming the flags; how the run executes (engine, micro-batching, steps, world size) may change, with a
+    warning saying what changed."""
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other)
+    r = _run(tiny_model_dir, out, "--resume", "--model", str(other), "--lr", "0.5", nproc=1)
+    assert r.returncode != 0
+    assert "--resume: the checkpoint was trained with other settings that define the run" in r.stderr
+    assert f"--model {tiny_model_dir!r} -> {str(other)!r}" in r.stderr and "--lr 0.001 -> 0.5" in r.stderr
+    r = _run(tiny_model_dir, out, "--resume", "--tokens-per-microbatch", "64", "--steps", "5", nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--tokens-per-microbatch 96 -> 64" in r.stderr and "--steps 4 -> 5" in r.stderr
+    assert "world size 2 -> 1 (the optimizer state is resharded" in r.stderr
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
+    assert json.loads((out / "checkpoints" / "step_000005" / "state.json").read_text())["world_size"] == 1
