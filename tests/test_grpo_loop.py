@@ -3,7 +3,7 @@
 A tiny random Llama with SmolLM2's tokenizer keeps these fast; one test runs the embedded model itself.
 """
 import json
-import os
+import math
 import signal
 import subprocess
 import sys
@@ -12,54 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import TINY, _env, _metrics, _weights, free_port, needs_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data", "arith", "--target", "exact", "--target-min", "4", "--target-max", "12", "--max-new-tokens", "8",
-        "--prompts-per-step", "4", "--group-size", "2", "--minibatches", "2", "--lr", "1e-3", "--tokens-per-microbatch",
-        "96", "--max-prompt-tokens", "256", "--engine", "hf"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, embedded_model_dir):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    env.update(extra)
-    return env
 
 
 def _torchrun(nproc: int, args: list[str], timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(ROOT / "grpo.py"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _weights(ckpt: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted((ckpt / "model").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,13 +125,10 @@ def test_pi_old_is_frozen_only_for_the_later_minibatches(tiny_model_dir, monkeyp
 
 
 def _weights_of(model_dir):
-    from safetensors.torch import load_file
+    import model as M
 
-    out = {}
-    for f in Path(model_dir).glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    if "lm_head.weight" not in out:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    out = M.read_safetensors(model_dir)
+    out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])  # tied
     return out
 
 
@@ -205,19 +163,27 @@ def test_weight_sync_engine_uses_new_weights(tiny_model_dir):
     assert not torch.allclose(stale_engine, after_policy[: len(stale_engine)], atol=1e-3)  # and it did change
 
 
-def test_resume_matches_uninterrupted_run_two_processes(tiny_model_dir, tmp_path):
-    """torchrun with 2 CPU processes: 4 steps straight == 2 steps, stop, --resume to 4 (weights and metrics).
-    The straight run keeps only its newest checkpoint (--keep-checkpoints 1); the resumed one keeps both (default 2)."""
-    common = [*TINY, "--model", tiny_model_dir, "--save-every", "2", "--seed", "7"]
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=needs_vllm)])
+def test_resume_matches_uninterrupted_run_two_processes(engine, request, tmp_path):
+    """torchrun with 2 CPU processes, each generating its own prompts with its own engine and taking the weight push
+    every step: 4 steps straight; then a copy of that run cut back to its step-3 checkpoint and --resume'd to 4 gives
+    the same weights and metrics. With vLLM too: each request carries its own seed, and the resumed engine gets the
+    checkpoint's weights before its first step, so it samples the same tokens. --keep-checkpoints 2 (the default)
+    leaves the newest two of the four saves."""
+    import shutil
+
+    model_dir = request.getfixturevalue("tiny_model_dir" if engine == "hf" else "tiny_vllm_model_dir")
+    common = [*TINY, "--model", model_dir, "--save-every", "1", "--seed", "7", "--engine", engine, "--steps", "4"]
     a, b = tmp_path / "a", tmp_path / "b"
-    r = _torchrun(2, [*common, "--steps", "4", "--out", str(a), "--keep-checkpoints", "1"])
+    r = _torchrun(2, [*common, "--out", str(a)])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_000004"]
-    r = _torchrun(2, [*common, "--steps", "2", "--out", str(b)])
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step_000004")  # as if the run had stopped after its step-3 checkpoint
+    r = _torchrun(2, [*common, "--out", str(b), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _torchrun(2, [*common, "--steps", "4", "--out", str(b), "--resume"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr and "step_000002" in r.stderr
+    assert f"resumed from {b / 'checkpoints' / 'step_000003'} at step 3" in r.stderr
+    assert "dropped 1 metrics line(s) of steps after 3" in r.stderr
 
     ma, mb = _metrics(a), _metrics(b)
     assert [m["step"] for m in ma] == [1, 2, 3, 4] and [m["step"] for m in mb] == [1, 2, 3, 4]
@@ -229,10 +195,9 @@ def test_resume_matches_uninterrupted_run_two_processes(tiny_model_dir, tmp_path
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
-    assert not torch.equal(wa["model.embed_tokens.weight"], _weights_of(tiny_model_dir)["model.embed_tokens.weight"])
+    assert not torch.equal(wa["model.embed_tokens.weight"], _weights_of(model_dir)["model.embed_tokens.weight"])
     state = json.loads((b / "checkpoints" / "step_000004" / "state.json").read_text())
     assert state["step"] == 4 and state["world_size"] == 2
-    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
 
 def test_sigterm_saves_and_exits(tiny_model_dir, tmp_path):
@@ -288,6 +253,7 @@ def test_resume_errors_are_clear(tiny_model_dir, tmp_path):
     r = subprocess.run([*base, "--out", str(tmp_path / "bad")], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and "cannot resume from checkpoint" in r.stderr and "step_000001" in r.stderr
+    assert "lacks stream, world_size, config, files" in r.stderr
 
     r = subprocess.run([*base[:-1], "--target", "sometimes"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=120)
@@ -312,10 +278,84 @@ def test_failed_save_is_a_clear_error(tiny_model_dir, tmp_path):
     assert [m["step"] for m in _metrics(out)] == [1]  # the step's metrics were written before the save
 
 
+def test_every_reward_trains_a_step_on_the_embedded_model(embedded_model_dir):
+    """One real step per --reward on SmolLM2: generate, grade, score the groups, advantages, an optimizer step."""
+    import data as D
+    import model as M
+    import rewards as R
+    import rollout
+    from grpo import Episode, compute_rewards, group_advantages, parse_args, update_policy
+
+    torch.set_num_threads(2)
+    di = M.init_distributed()
+    tok = M.load_tokenizer(embedded_model_dir)
+    policy = M.shard_model(M.load_model(embedded_model_dir), mixed_precision=False)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1e-4)
+    engine = rollout.HFEngine(embedded_model_dir, batch_size=8)
+    common = ["--target", "exact", "--max-new-tokens", "24", "--prompts-per-step", "2", "--group-size", "3",
+              "--minibatches", "1", "--kl-coef", "0", "--last-number-fallback", "--tokens-per-microbatch", "4096"]
+    stream = D.PromptStream(D.load_problems("arith", split="test", limit=8), target_lo=8, target_hi=32, seed=1)
+    samples = stream.next_batch(2, tok)
+    prompts = [tok(s.prompt, add_special_tokens=False)["input_ids"] for s in samples]
+    completions = engine.generate(prompts, 3, rollout.SamplingConfig(temperature=0.6, max_new_tokens=24, seed=2))
+    history, before = R.HapoHistory(), {k: v.clone() for k, v in M.iter_full_state_dict(policy)}
+    history.update({s.problem.id: 12 for s in samples})  # so HAPO's length term is on
+    for name in R.REWARDS:
+        cfg = parse_args([*common, "--reward", name])
+        scores = compute_rewards(samples, completions, cfg, history)
+        assert scores.reward.shape == (2, 3) and torch.isfinite(scores.reward).all(), name
+        assert torch.equal(scores.length, torch.tensor([[len(c.token_ids) for c in g] for g in completions],
+                                                       dtype=torch.float32))
+        adv = group_advantages(scores.reward)
+        eps = [Episode(p, c.token_ids, scores.reward[i, j].item(), adv[i, j].item(), c.logprobs)
+               for i, (p, group) in enumerate(zip(prompts, completions)) for j, c in enumerate(group)]
+        stats = update_policy(policy, None, optimizer, eps, cfg, di, packed=False)
+        assert math.isfinite(stats["grad_norm"]) and stats["tokens"] == scores.length.sum(), name
+    after = dict(M.iter_full_state_dict(policy))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoint_keeps_the_reward_state(tiny_model_dir, tmp_path):
+    """HAPO's per-problem history goes into the checkpoint and comes back exactly, with the data stream."""
+    import checkpoint as C
+    import data as D
+    import model as M
+    import rewards as R
+    from grpo import parse_args
+
+    di = M.init_distributed()
+    cfg = parse_args([*TINY, "--model", tiny_model_dir, "--reward", "hapo", "--out", str(tmp_path)])
+    policy = M.shard_model(M.load_model(tiny_model_dir), mixed_precision=False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    stream = D.PromptStream(D.load_problems("arith", limit=20), seed=5)
+    stream.next_batch(6)
+    history = R.HapoHistory()
+    history.update({"arith:1:train:0:3": 17, "arith:1:train:0:9": 4})
+    path = C.save(3, policy, M.load_tokenizer(tiny_model_dir), optimizer, stream, history, cfg, di)
+    stream2, history2 = D.PromptStream(D.load_problems("arith", limit=20), seed=5), R.HapoHistory()
+    state = C.load(path, policy, optimizer, stream2, history2, di)
+    assert state["step"] == 3 and history2.h == history.h
+    assert [s.prompt for s in stream2.next_batch(4)] == [s.prompt for s in stream.next_batch(4)]
+
+
+@needs_vllm
+def test_vllm_kv_cache_too_small_names_the_flags(tiny_vllm_model_dir, tmp_path):
+    """A KV cache that cannot hold one prompt + --max-new-tokens sequence stops the run at start-up, naming the flags."""
+    r = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_vllm_model_dir, "--steps", "1",
+                        "--engine", "vllm", "--max-new-tokens", "200", "--vllm-kv-cache-gib", "0.00001",
+                        "--out", str(tmp_path / "run")], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    assert "cannot hold one sequence of max_model_len = 456 tokens" in r.stderr, r.stderr[-3000:]
+    assert "--max-new-tokens" in r.stderr and "--vllm-kv-cache-gib" in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("extra", [
     ["--target", "mixed", "--kl-coef", "0", "--loss-agg", "seq-mean-token-mean", "--drop-equal-groups",
      "--eps-high", "0.28", "--no-std-normalize", "--tis-cap", "0", "--dtype", "float32"],
-    ["--target", "none", "--loss-agg", "constant", "--entropy-coef", "0", "--minibatches", "1", "--packed", "on"],
+    ["--target", "none", "--reward", "correctness", "--loss-agg", "constant", "--entropy-coef", "0",
+     "--minibatches", "1", "--packed", "on"],
     ["--target", "exact", "--targets-per-problem", "2", "--dtype", "bfloat16"],
 ])
 def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
