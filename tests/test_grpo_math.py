@@ -177,3 +177,27 @@ def test_pearson_from_sums_matches_numpy():
     assert pearson_from_sums(*sums) == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-12)
     assert pearson_from_sums(3, 30.0, 6.0, 300.0, 14.0, 60.0) is None  # x constant (10, 10, 10)
     assert pearson_from_sums(1, 5.0, 7.0, 25.0, 49.0, 35.0) is None
+
+
+def test_step_metrics_count_items_a_grading_bound_hit():
+    """A response the grader must not spend time on (a power tower) is graded wrong, and the step's metrics say
+    how many items a bound hit (grade_bounded), next to the named means."""
+    import data as D
+    import model as M
+    import rewards as R
+    from grpo import compute_rewards, step_metrics
+    from rollout import Completion
+
+    cfg = parse_args(["--target", "exact", "--group-size", "2", "--max-new-tokens", "8"])
+    problem = D.Problem("How much is 2 + 2?", "4", "t", "t:0")
+    samples = [D.Sample(problem, 6, "exact", "p")]
+    completions = [[Completion([1, 2, 3], "so \\boxed{4}", "stop"),
+                    Completion([1] * 8, "\\boxed{10^{10^{10^{10}}}}", "length")]]
+    scores = compute_rewards(samples, completions, cfg, R.HapoHistory())
+    assert scores.correct.tolist() == [[1.0, 0.0]] and scores.grading.too_costly == 1
+    assert scores.reward[0].tolist() == pytest.approx([1 - 0.0003 * 3, -0.0003 * 2])
+    stats = dict(tokens=11, clip_frac=0.0, kl=0.0, entropy=0.0, tis_mismatch=0.0, ratio_min=1.0, ratio_max=1.0,
+                 grad_norm=0.5)
+    m = step_metrics(1, samples, completions, scores, stats, M.init_distributed(), times=dict(step=1.0))
+    assert m["grade_bounded"] == 1 and m["accuracy"] == 0.5 and m["truncated"] == 0.5 and m["repeats"] == 0.0
+    assert m["response_len"] == 5.5 and m["abs_len_dev"] == 2.5 and m["length_term"] == pytest.approx(-0.00075)
