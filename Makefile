@@ -28,6 +28,7 @@ train: setup
 		--out runs/smollm2-cpu$(if $(filter-out exact,$(TARGET)),-$(TARGET)) $(ARGS)
 
 test: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
 gpu-setup: setup

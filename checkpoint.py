@@ -19,6 +19,7 @@ written when the run was killed included), so steps are neither repeated nor mis
 `LCPO_FAULT=<point>:<step>` (tests only) kills the whole run with SIGKILL at a named point of a step
 (`fault_point`): the crash tests resume from what that leaves and compare with an uninterrupted run.
 """
+
 from __future__ import annotations
 
 # Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
@@ -35,8 +36,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 import model as M
 
@@ -46,9 +51,23 @@ STATE = "state.json"
 # What may change between a checkpoint and its --resume: how the run executes (engine, dtype, micro-batching,
 # memory, checkpoint cadence, how many steps). Each change is logged as a warning. A change to any other field
 # (the model, data, prompts, reward, sampling, optimization, seed) would not continue the same run: refused.
-FREE_ON_RESUME = {"steps", "out", "save_every", "keep_checkpoints", "resume", "preset", "engine", "dtype", "packed",
-                  "tokens_per_microbatch", "activation_checkpointing", "vllm_gpu_memory_utilization",
-                  "vllm_kv_cache_gib", "hf_batch_size", "grade_deadline"}
+FREE_ON_RESUME = {
+    "steps",
+    "out",
+    "save_every",
+    "keep_checkpoints",
+    "resume",
+    "preset",
+    "engine",
+    "dtype",
+    "packed",
+    "tokens_per_microbatch",
+    "activation_checkpointing",
+    "vllm_gpu_memory_utilization",
+    "vllm_kv_cache_gib",
+    "hf_batch_size",
+    "grade_deadline",
+}
 
 
 def fault_point(name: str, step: int) -> None:
@@ -116,8 +135,10 @@ def verify(path: Path) -> dict:
         if not f.is_file():
             raise RuntimeError(f"cannot resume from checkpoint {path}: {f} is missing (listed in its {STATE})")
         if f.stat().st_size != size:
-            raise RuntimeError(f"cannot resume from checkpoint {path}: {f} has {f.stat().st_size} bytes, "
-                               f"{size} when it was written (truncated or overwritten)")
+            raise RuntimeError(
+                f"cannot resume from checkpoint {path}: {f} has {f.stat().st_size} bytes, "
+                f"{size} when it was written (truncated or overwritten)"
+            )
     return state
 
 
@@ -130,8 +151,10 @@ def save(step: int, policy, tokenizer, optimizer, stream, reward_state, cfg, dis
         _write(final, step, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info)
     except Exception as e:  # a full disk shows up deep in torch.save as "unexpected pos 704 vs 598"
         free = shutil.disk_usage(final.parent).free / 2**30 if final.parent.exists() else float("nan")
-        raise RuntimeError(f"saving checkpoint {final} failed ({free:.1f} GiB free there; earlier checkpoints are "
-                           f"intact, continue with --resume): {type(e).__name__}: {e}") from e
+        raise RuntimeError(
+            f"saving checkpoint {final} failed ({free:.1f} GiB free there; earlier checkpoints are "
+            f"intact, continue with --resume): {type(e).__name__}: {e}"
+        ) from e
     if dist_info.rank == 0 and cfg.run.keep_checkpoints > 0:
         for old in checkpoint_dirs(Path(cfg.run.out))[: -cfg.run.keep_checkpoints]:
             shutil.rmtree(old)
@@ -152,8 +175,14 @@ def _write(final: Path, step, policy, tokenizer, optimizer, stream, reward_state
     _barrier(dist_info)
     if dist_info.rank == 0:
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        state = {"step": step, "stream": stream.state_dict(), "reward_state": reward_state.state_dict(),
-                 "world_size": dist_info.world_size, "config": asdict(cfg), "files": files}
+        state = {
+            "step": step,
+            "stream": stream.state_dict(),
+            "reward_state": reward_state.state_dict(),
+            "world_size": dist_info.world_size,
+            "config": asdict(cfg),
+            "files": files,
+        }
         _atomic_write(tmp / STATE, json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -187,15 +216,20 @@ def check_config(saved: dict, cfg, world_size: int, saved_world_size: int) -> li
             before = saved.get(group, {}).get(name, value)
             if before != value and name not in ("resume", "preset"):
                 (changed if name in FREE_ON_RESUME else refused).append(
-                    f"--{name.replace('_', '-')} {before!r} -> {value!r}")
+                    f"--{name.replace('_', '-')} {before!r} -> {value!r}"
+                )
     if refused:
-        raise SystemExit("--resume: the checkpoint was trained with other settings that define the run, so "
-                         f"continuing it with these would not be the same run: {'; '.join(refused)}. Resume with "
-                         "the checkpoint's values (its state.json has them), or start a new run in another --out")
+        raise SystemExit(
+            "--resume: the checkpoint was trained with other settings that define the run, so "
+            f"continuing it with these would not be the same run: {'; '.join(refused)}. Resume with "
+            "the checkpoint's values (its state.json has them), or start a new run in another --out"
+        )
     if world_size != saved_world_size:
-        changed.append(f"world size {saved_world_size} -> {world_size} (the optimizer state is resharded; each "
-                       "rank's sampling seeds and RNG streams differ, so the run continues, but not exactly as it "
-                       "would have)")
+        changed.append(
+            f"world size {saved_world_size} -> {world_size} (the optimizer state is resharded; each "
+            "rank's sampling seeds and RNG streams differ, so the run continues, but not exactly as it "
+            "would have)"
+        )
     return changed
 
 

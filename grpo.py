@@ -15,6 +15,7 @@ The flags and presets are in config.py (`python grpo.py --help`), checkpoints an
 Imports: the standard library, torch and the project's modules at the top; optional packages (vllm, math-verify,
 matplotlib, datasets) are imported where they are used, so a missing one is a clear error there.
 """
+
 from __future__ import annotations
 
 # Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
@@ -158,6 +159,7 @@ class Episode:
 @dataclass
 class Scores:
     """One rank's step, per response: each tensor is [num_prompts, group_size]."""
+
     reward: torch.Tensor  # r = correctness term + length term
     length_term: torch.Tensor  # the reward's length term alone
     correct: torch.Tensor  # 1 if graded correct
@@ -171,16 +173,25 @@ def compute_rewards(samples: list[D.Sample], completions, cfg: Config, history: 
     """Grade every response (bounded: --grade-deadline for the rank's batch), then score each prompt's group with
     --reward, which may read the group's lengths and correctness (and HAPO its history)."""
     flat = [(s, c) for s, group in zip(samples, completions) for c in group]
-    correct, grading = R.grade_batch([c.text for _, c in flat], [s.problem.answer for s, _ in flat],
-                                     [s.problem.multiple_choice for s, _ in flat],
-                                     last_number_fallback=cfg.reward.last_number_fallback,
-                                     deadline=cfg.reward.grade_deadline)
+    correct, grading = R.grade_batch(
+        [c.text for _, c in flat],
+        [s.problem.answer for s, _ in flat],
+        [s.problem.multiple_choice for s, _ in flat],
+        last_number_fallback=cfg.reward.last_number_fallback,
+        deadline=cfg.reward.grade_deadline,
+    )
     G, constants = cfg.grpo.group_size, cfg.reward.constants()
     groups, base, length = [], [], []
     for i, (s, group) in enumerate(zip(samples, completions)):
-        g = R.Group(correct=correct[i * G:(i + 1) * G], lengths=[len(c.token_ids) for c in group],
-                    boxed=[R.extract_answer(c.text) is not None for c in group], target=s.target, mode=s.mode,
-                    limit=cfg.data.max_new_tokens, key=s.problem.id)
+        g = R.Group(
+            correct=correct[i * G : (i + 1) * G],
+            lengths=[len(c.token_ids) for c in group],
+            boxed=[R.extract_answer(c.text) is not None for c in group],
+            target=s.target,
+            mode=s.mode,
+            limit=cfg.data.max_new_tokens,
+            key=s.problem.id,
+        )
         b, ln = R.score_group(cfg.reward.reward, g, constants, history)
         groups.append(g)
         base.append(b)
@@ -191,17 +202,23 @@ def compute_rewards(samples: list[D.Sample], completions, cfg: Config, history: 
         return torch.tensor(rows, dtype=torch.float32).view(shape)
 
     base, length = tensor(base), tensor(length)
-    return Scores(reward=base + length, length_term=length, correct=tensor(correct),
-                  length=tensor([g.lengths for g in groups]),
-                  repeats=tensor([R.repeats(c.token_ids) for group in completions for c in group]),
-                  groups=groups, grading=grading)
+    return Scores(
+        reward=base + length,
+        length_term=length,
+        correct=tensor(correct),
+        length=tensor([g.lengths for g in groups]),
+        repeats=tensor([R.repeats(c.token_ids) for group in completions for c in group]),
+        groups=groups,
+        grading=grading,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # The update.
 # ----------------------------------------------------------------------------------------------------
-def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: Config, dist_info,
-                  packed: bool, step: int = 0) -> dict:
+def update_policy(
+    policy, ref_policy, optimizer, episodes: list[Episode], cfg: Config, dist_info, packed: bool, step: int = 0
+) -> dict:
     """Clipped-surrogate updates on this rank's episodes, `minibatches` optimizer steps per epoch.
 
     Every forward of a sharded model is a collective, so all ranks run the same number of micro-batches:
@@ -219,8 +236,9 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
     dummy = Episode([0], [0], 0.0, 0.0, None)
 
     def micro(eps):  # micro-batches by a per-GPU token budget, the same count on every rank
-        idx = M.make_microbatches([len(e.prompt_ids) + len(e.response_ids) for e in eps],
-                                  cfg.model.tokens_per_microbatch, padded=not packed)
+        idx = M.make_microbatches(
+            [len(e.prompt_ids) + len(e.response_ids) for e in eps], cfg.model.tokens_per_microbatch, padded=not packed
+        )
         n = torch.tensor([len(idx)], device=dev)
         if world > 1:
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
@@ -229,9 +247,14 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
     def logprobs(net, mb, grad: bool, entropy=False):  # flat [N] over the response tokens of mb
         mb = mb or [dummy]
         with torch.set_grad_enabled(grad):
-            return M.response_logprobs(net, [e.prompt_ids + e.response_ids for e in mb],
-                                       [len(e.prompt_ids) for e in mb], temperature=cfg.data.temperature,
-                                       packed=packed, with_entropy=entropy)
+            return M.response_logprobs(
+                net,
+                [e.prompt_ids + e.response_ids for e in mb],
+                [len(e.prompt_ids) for e in mb],
+                temperature=cfg.data.temperature,
+                packed=packed,
+                with_entropy=entropy,
+            )
 
     # Frozen log-probs first: pi_old (for the later mini-batches) and the reference, keyed by episode.
     old, ref = {}, {}
@@ -246,10 +269,11 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
 
     for _ in range(g.epochs):
         for k in range(g.minibatches):
-            mbatch = episodes[k * per_mb:(k + 1) * per_mb]
+            mbatch = episodes[k * per_mb : (k + 1) * per_mb]
             # Global counts of this mini-batch (all ranks), so every rank's loss has the same normalizer.
-            counts = torch.tensor([len(mbatch), sum(len(e.response_ids) for e in mbatch)], dtype=torch.float64,
-                                  device=dev)
+            counts = torch.tensor(
+                [len(mbatch), sum(len(e.response_ids) for e in mbatch)], dtype=torch.float64, device=dev
+            )
             if world > 1:
                 dist.all_reduce(counts)
             num_seqs, num_tokens = int(counts[0]), int(counts[1])
@@ -271,10 +295,23 @@ def update_policy(policy, ref_policy, optimizer, episodes: list[Episode], cfg: C
                     roll = torch.tensor([x for e in mb for x in e.rollout_logp], device=logp.device)
                     stats["tis_mismatch"] += (old_lp - roll).abs().sum().item()
                 loss, m = policy_loss(
-                    logp, old_lp, adv, seq_ids, num_seqs=num_seqs, num_tokens=num_tokens, ref_logp=ref_lp,
-                    entropy=ent, rollout_logp=roll, eps_low=g.eps_low, eps_high=g.eps_high, kl_coef=g.kl_coef,
-                    entropy_coef=g.entropy_coef, agg=g.loss_agg, constant=g.loss_constant or cfg.data.max_new_tokens,
-                    tis_cap=g.tis_cap)
+                    logp,
+                    old_lp,
+                    adv,
+                    seq_ids,
+                    num_seqs=num_seqs,
+                    num_tokens=num_tokens,
+                    ref_logp=ref_lp,
+                    entropy=ent,
+                    rollout_logp=roll,
+                    eps_low=g.eps_low,
+                    eps_high=g.eps_high,
+                    kl_coef=g.kl_coef,
+                    entropy_coef=g.entropy_coef,
+                    agg=g.loss_agg,
+                    constant=g.loss_constant or cfg.data.max_new_tokens,
+                    tis_cap=g.tis_cap,
+                )
                 loss.backward()  # summed over ranks by FSDP (model.shard_model): the loss is a global mean
                 for key in ("clip_frac", "kl", "entropy", "pg_loss"):
                     stats[key] += m[key].item()
@@ -297,16 +334,23 @@ def train(cfg: Config) -> None:
     # A new run must not write into an earlier one: its metrics would be appended to theirs, and pruning or a later
     # --resume would take the earlier run's checkpoints for its own.
     if not cfg.run.resume and earlier:
-        raise SystemExit(f"--out {out} already holds checkpoints of an earlier run (newest: {earlier[-1].name}); "
-                         "pass --resume to continue it, or start the new run in another --out (or delete that "
-                         "directory)")
+        raise SystemExit(
+            f"--out {out} already holds checkpoints of an earlier run (newest: {earlier[-1].name}); "
+            "pass --resume to continue it, or start the new run in another --out (or delete that "
+            "directory)"
+        )
     resume_from = C.newest(out) if cfg.run.resume else None
     di = M.init_distributed()
     torch.manual_seed(cfg.run.seed + di.rank)
     random.seed(cfg.run.seed + di.rank)
     is_main = di.rank == 0
-    log.info("rank %d: device %s, cores %s, %d torch threads", di.rank, di.device,
-             sorted(os.sched_getaffinity(0)), torch.get_num_threads())
+    log.info(
+        "rank %d: device %s, cores %s, %d torch threads",
+        di.rank,
+        di.device,
+        sorted(os.sched_getaffinity(0)),
+        torch.get_num_threads(),
+    )
 
     # Data, checked before anything is written: bad input stops here, and --out keeps what it had.
     model_dir = M.resolve_model(cfg.model.model) if is_main else None
@@ -315,14 +359,24 @@ def train(cfg: Config) -> None:
         dist.broadcast_object_list(holder, src=0)
         model_dir = holder[0]
     tokenizer = M.load_tokenizer(model_dir)
-    problems = D.load_problems(cfg.data.data, question_field=cfg.data.question_field,
-                               answer_field=cfg.data.answer_field, split="train", seed=cfg.run.seed,
-                               skip_bad=cfg.data.skip_bad)
+    problems = D.load_problems(
+        cfg.data.data,
+        question_field=cfg.data.question_field,
+        answer_field=cfg.data.answer_field,
+        split="train",
+        seed=cfg.run.seed,
+        skip_bad=cfg.data.skip_bad,
+    )
     problems = _fitting(problems, tokenizer, cfg)
     # Every rank runs the same seeded stream and takes its own slice of each global batch.
-    stream = D.PromptStream(problems, mode=cfg.data.target, target_lo=cfg.data.target_min,
-                            target_hi=cfg.data.target_max, seed=cfg.run.seed,
-                            targets_per_problem=cfg.data.targets_per_problem)
+    stream = D.PromptStream(
+        problems,
+        mode=cfg.data.target,
+        target_lo=cfg.data.target_min,
+        target_hi=cfg.data.target_max,
+        seed=cfg.run.seed,
+        targets_per_problem=cfg.data.targets_per_problem,
+    )
     if resume_from is not None:
         saved = C.verify(resume_from)
         for change in C.check_config(saved["config"], cfg, di.world_size, saved["world_size"]):
@@ -331,8 +385,11 @@ def train(cfg: Config) -> None:
 
     # Model, reference and optimizer. Every rank holds a shard; the engine holds its own full copy.
     bf16 = M.use_bf16(di.device, cfg.model.dtype)  # bf16 compute over fp32 master weights (model.use_bf16)
-    policy = M.shard_model(M.load_model(model_dir, device=di.device), mixed_precision=bf16,
-                           activation_checkpointing=cfg.model.activation_checkpointing)
+    policy = M.shard_model(
+        M.load_model(model_dir, device=di.device),
+        mixed_precision=bf16,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+    )
     ref_policy = None
     if cfg.grpo.kl_coef != 0:  # the frozen reference exists only when the KL term is used
         ref_policy = M.shard_model(M.load_model(model_dir, device=di.device), mixed_precision=bf16)
@@ -341,12 +398,17 @@ def train(cfg: Config) -> None:
     packed = cfg.model.packed == "on" or (cfg.model.packed == "auto" and M.prefers_packing(policy))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
     engine = rollout.make_engine(
-        cfg.model.engine, model_dir, device=di.device, seed=cfg.run.seed + di.rank,
-        dtype=torch.bfloat16 if bf16 else torch.float32, hf_batch_size=cfg.model.hf_batch_size,
+        cfg.model.engine,
+        model_dir,
+        device=di.device,
+        seed=cfg.run.seed + di.rank,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        hf_batch_size=cfg.model.hf_batch_size,
         max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_new_tokens,
         max_num_seqs=math.ceil(cfg.grpo.prompts_per_step / di.world_size) * cfg.grpo.group_size,
         vllm_gpu_memory_utilization=cfg.model.vllm_gpu_memory_utilization,
-        vllm_kv_cache_bytes=int(cfg.model.vllm_kv_cache_gib * 2**30) or None)
+        vllm_kv_cache_bytes=int(cfg.model.vllm_kv_cache_gib * 2**30) or None,
+    )
     history = R.HapoHistory()  # the reward's state across steps (HAPO's; empty for the other rewards)
 
     start = 0
@@ -363,8 +425,9 @@ def train(cfg: Config) -> None:
 
     stop = {"flag": False}  # SIGTERM: finish the step, save, exit
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    sampling = rollout.SamplingConfig(temperature=cfg.data.temperature, top_p=cfg.data.top_p,
-                                      max_new_tokens=cfg.data.max_new_tokens)
+    sampling = rollout.SamplingConfig(
+        temperature=cfg.data.temperature, top_p=cfg.data.top_p, max_new_tokens=cfg.data.max_new_tokens
+    )
     pbar = _progress(start, cfg.run.steps, is_main)
     for step in range(start + 1, cfg.run.steps + 1):
         t0 = time.perf_counter()
@@ -385,9 +448,12 @@ def train(cfg: Config) -> None:
         rewards = scores.reward  # [P_rank, G]
         adv = group_advantages(rewards, cfg.grpo.std_normalize)
         keep = ~equal_reward_groups(rewards) if cfg.grpo.drop_equal_groups else torch.ones(len(samples), dtype=bool)
-        episodes = [Episode(pids, c.token_ids, rewards[i, j].item(), adv[i, j].item(), c.logprobs)
-                    for i, (pids, group) in enumerate(zip(prompt_ids, completions)) if keep[i]
-                    for j, c in enumerate(group)]
+        episodes = [
+            Episode(pids, c.token_ids, rewards[i, j].item(), adv[i, j].item(), c.logprobs)
+            for i, (pids, group) in enumerate(zip(prompt_ids, completions))
+            if keep[i]
+            for j, c in enumerate(group)
+        ]
         t2 = time.perf_counter()
 
         # 5. Update the policy.
@@ -407,13 +473,24 @@ def train(cfg: Config) -> None:
         t4 = time.perf_counter()
 
         # Log, then checkpoint.
-        metrics = step_metrics(step, samples, completions, scores, stats, di,
-                               times=dict(generate=t1 - t0, score=t2 - t1, train=t3 - t2, sync=t4 - t3, step=t4 - t0))
+        metrics = step_metrics(
+            step,
+            samples,
+            completions,
+            scores,
+            stats,
+            di,
+            times=dict(generate=t1 - t0, score=t2 - t1, train=t3 - t2, sync=t4 - t3, step=t4 - t0),
+        )
         if is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            pbar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                             len=f"{metrics['response_len']:.0f}", rel_dev=f"{metrics['rel_len_dev']:.2f}")
+            pbar.set_postfix(
+                reward=f"{metrics['reward']:.3f}",
+                acc=f"{metrics['accuracy']:.2f}",
+                len=f"{metrics['response_len']:.0f}",
+                rel_dev=f"{metrics['rel_len_dev']:.2f}",
+            )
             pbar.update(1)
             pbar.write(_summary(metrics))
         fault_point("metrics", step)  # (crash tests: the step is logged, its checkpoint not written)
@@ -444,32 +521,70 @@ def step_metrics(step: int, samples, completions, scores: Scores, stats: dict, d
     lengths = scores.length
     targets = torch.tensor([s.target or 0 for s in samples], dtype=torch.float32)[:, None].expand_as(lengths)
     dev = (lengths - targets).abs()
-    sums = reduce_named({
-        "responses": lengths.numel(), "groups": len(samples), "tokens": stats["tokens"],
-        "reward": scores.reward.sum(), "length_term": scores.length_term.sum(), "correct": scores.correct.sum(),
-        "length": lengths.sum(), "abs_dev": dev.sum(), "rel_dev": (dev / targets.clamp(min=1)).sum(),
-        "over": (lengths > targets).sum(), "repeats": scores.repeats.sum(),
-        "truncated": sum(c.finish_reason == "length" for group in completions for c in group),
-        "equal_groups": equal_reward_groups(scores.reward).sum(),
-        "clip_frac": stats["clip_frac"], "kl": stats["kl"], "entropy": stats["entropy"],
-        "tis_mismatch": stats["tis_mismatch"], "graded_symbolic": scores.grading.symbolic,
-        "grade_bounded": scores.grading.bounded,  # graded wrong because a time bound hit them
-        # Pearson r(target, length) from sums, over the step's responses
-        "t": targets.sum(), "tt": (targets**2).sum(), "ll": (lengths**2).sum(), "tl": (targets * lengths).sum(),
-    }, dist_info)
-    most = reduce_named({"ratio_max": stats["ratio_max"], "neg_ratio_min": -stats["ratio_min"],
-                         "grade_seconds": scores.grading.seconds}, dist_info, op=dist.ReduceOp.MAX)
+    sums = reduce_named(
+        {
+            "responses": lengths.numel(),
+            "groups": len(samples),
+            "tokens": stats["tokens"],
+            "reward": scores.reward.sum(),
+            "length_term": scores.length_term.sum(),
+            "correct": scores.correct.sum(),
+            "length": lengths.sum(),
+            "abs_dev": dev.sum(),
+            "rel_dev": (dev / targets.clamp(min=1)).sum(),
+            "over": (lengths > targets).sum(),
+            "repeats": scores.repeats.sum(),
+            "truncated": sum(c.finish_reason == "length" for group in completions for c in group),
+            "equal_groups": equal_reward_groups(scores.reward).sum(),
+            "clip_frac": stats["clip_frac"],
+            "kl": stats["kl"],
+            "entropy": stats["entropy"],
+            "tis_mismatch": stats["tis_mismatch"],
+            "graded_symbolic": scores.grading.symbolic,
+            "grade_bounded": scores.grading.bounded,  # graded wrong because a time bound hit them
+            # Pearson r(target, length) from sums, over the step's responses
+            "t": targets.sum(),
+            "tt": (targets**2).sum(),
+            "ll": (lengths**2).sum(),
+            "tl": (targets * lengths).sum(),
+        },
+        dist_info,
+    )
+    most = reduce_named(
+        {
+            "ratio_max": stats["ratio_max"],
+            "neg_ratio_min": -stats["ratio_min"],
+            "grade_seconds": scores.grading.seconds,
+        },
+        dist_info,
+        op=dist.ReduceOp.MAX,
+    )
     n, tok = sums["responses"], max(sums["tokens"], 1.0)
     return dict(
-        step=step, reward=sums["reward"] / n, length_term=sums["length_term"] / n, accuracy=sums["correct"] / n,
-        response_len=sums["length"] / n, abs_len_dev=sums["abs_dev"] / n, rel_len_dev=sums["rel_dev"] / n,
+        step=step,
+        reward=sums["reward"] / n,
+        length_term=sums["length_term"] / n,
+        accuracy=sums["correct"] / n,
+        response_len=sums["length"] / n,
+        abs_len_dev=sums["abs_dev"] / n,
+        rel_len_dev=sums["rel_dev"] / n,
         len_target_corr=pearson_from_sums(n, sums["t"], sums["length"], sums["tt"], sums["ll"], sums["tl"]),
-        over_target=sums["over"] / n, truncated=sums["truncated"] / n, repeats=sums["repeats"] / n,
-        equal_groups=sums["equal_groups"] / sums["groups"], clip_frac=sums["clip_frac"] / tok, kl=sums["kl"] / tok,
-        entropy=sums["entropy"] / tok, tis_mismatch=sums["tis_mismatch"] / tok, ratio_min=-most["neg_ratio_min"],
-        ratio_max=most["ratio_max"], grad_norm=stats["grad_norm"], graded_symbolic=sums["graded_symbolic"] / n,
-        grade_bounded=int(sums["grade_bounded"]), time_grade_max=most["grade_seconds"],
-        **{f"time_{k}": v for k, v in times.items()})
+        over_target=sums["over"] / n,
+        truncated=sums["truncated"] / n,
+        repeats=sums["repeats"] / n,
+        equal_groups=sums["equal_groups"] / sums["groups"],
+        clip_frac=sums["clip_frac"] / tok,
+        kl=sums["kl"] / tok,
+        entropy=sums["entropy"] / tok,
+        tis_mismatch=sums["tis_mismatch"] / tok,
+        ratio_min=-most["neg_ratio_min"],
+        ratio_max=most["ratio_max"],
+        grad_norm=stats["grad_norm"],
+        graded_symbolic=sums["graded_symbolic"] / n,
+        grade_bounded=int(sums["grade_bounded"]),
+        time_grade_max=most["grade_seconds"],
+        **{f"time_{k}": v for k, v in times.items()},
+    )
 
 
 def reduce_named(values: dict, dist_info, op=dist.ReduceOp.SUM) -> dict[str, float]:
@@ -515,22 +630,31 @@ def _fitting(problems, tokenizer, cfg: Config):
     """Drop problems whose prompt (at the longest target) exceeds --max-prompt-tokens, saying how many."""
     mode = "max" if cfg.data.target in ("max", "mixed") else cfg.data.target  # "maximum" is the longest sentence
     target = cfg.data.target_max if mode != "none" else None
-    kept = [p for p in problems
-            if len(tokenizer(D.format_prompt(tokenizer, p, target, mode), add_special_tokens=False)["input_ids"])
-            <= cfg.data.max_prompt_tokens]
+    kept = [
+        p
+        for p in problems
+        if len(tokenizer(D.format_prompt(tokenizer, p, target, mode), add_special_tokens=False)["input_ids"])
+        <= cfg.data.max_prompt_tokens
+    ]
     if len(kept) < len(problems):
-        log.warning("dropped %d of %d problems whose prompt is over --max-prompt-tokens %d",
-                    len(problems) - len(kept), len(problems), cfg.data.max_prompt_tokens)
+        log.warning(
+            "dropped %d of %d problems whose prompt is over --max-prompt-tokens %d",
+            len(problems) - len(kept),
+            len(problems),
+            cfg.data.max_prompt_tokens,
+        )
     if not kept:
         raise ValueError(f"--data {cfg.data.data}: no problem fits in --max-prompt-tokens {cfg.data.max_prompt_tokens}")
     return kept
 
 
 def _summary(m: dict) -> str:
-    return (f"step {m['step']:>4} | reward {m['reward']:+.3f} acc {m['accuracy']:.2f} | len {m['response_len']:6.1f} "
-            f"rel_dev {m['rel_len_dev']:.2f} rep {m['repeats']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} "
-            f"ent {m['entropy']:.2f} gnorm {m['grad_norm']:.3f} | gen {m['time_generate']:.1f}s "
-            f"score {m['time_score']:.1f}s train {m['time_train']:.1f}s sync {m['time_sync']:.1f}s")
+    return (
+        f"step {m['step']:>4} | reward {m['reward']:+.3f} acc {m['accuracy']:.2f} | len {m['response_len']:6.1f} "
+        f"rel_dev {m['rel_len_dev']:.2f} rep {m['repeats']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} "
+        f"ent {m['entropy']:.2f} gnorm {m['grad_norm']:.3f} | gen {m['time_generate']:.1f}s "
+        f"score {m['time_score']:.1f}s train {m['time_train']:.1f}s sync {m['time_sync']:.1f}s"
+    )
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -4,6 +4,7 @@ Everything the trainer needs from the model lives here so the loop (grpo.py) nev
 internals: `response_logprobs` gives log pi(y_t | x, y_<t) for the response tokens only, without ever
 materializing float32 [B, L, V] logits (V is 150k for Qwen: that tensor alone would dwarf the model).
 """
+
 from __future__ import annotations
 
 # Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
@@ -150,15 +151,26 @@ def _segment_attention(q, k, v, cu_seqlens, scale):
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                                              enable_gqa=qs.shape[0] != ks.shape[0])
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]
+        )
         out.append(o.transpose(0, 1))
     return torch.cat(out)
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None,
-                             position_ids=None, **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q=None,
+    max_length_q=None,
+    position_ids=None,
+    **kwargs,
+):
     """transformers attention function for packed rows, over `torch.nn.attention.varlen.varlen_attn`
     (PyTorch's own FlashAttention-2 varlen kernel, CUDA, torch >= 2.10), so packing needs no flash-attn package.
 
@@ -169,12 +181,18 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     token sits after a pad. Training forwards only: no KV cache, no left padding (those raise).
     """
     if key.shape[2] != query.shape[2]:
-        raise ValueError(f"{TORCH_VARLEN} attention is for training forwards without a KV cache "
-                         f"(query {query.shape[2]} vs key {key.shape[2]} positions); generate with sdpa")
+        raise ValueError(
+            f"{TORCH_VARLEN} attention is for training forwards without a KV cache "
+            f"(query {query.shape[2]} vs key {key.shape[2]} positions); generate with sdpa"
+        )
     if query.shape[0] > 1 or attention_mask is not None:
-        if attention_mask is not None and not bool((attention_mask.int().cummin(-1).values == attention_mask.int()).all()):
-            raise ValueError(f"{TORCH_VARLEN} attention takes packed rows or right-padded batches, "
-                             "not left padding; use attn_implementation='sdpa' for that")
+        if attention_mask is not None and not bool(
+            (attention_mask.int().cummin(-1).values == attention_mask.int()).all()
+        ):
+            raise ValueError(
+                f"{TORCH_VARLEN} attention takes packed rows or right-padded batches, "
+                "not left padding; use attn_implementation='sdpa' for that"
+            )
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling)
     if dropout:
         raise ValueError(f"{TORCH_VARLEN} attention has no dropout (got {dropout})")
@@ -206,8 +224,18 @@ def _torch_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None):
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         gqa = False
     if _has_param(varlen_attn, "window_size"):
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, window_size=(-1, 0),
-                           **({"enable_gqa": True} if gqa else {}))
+        return varlen_attn(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            cu_seqlens,
+            max_len,
+            max_len,
+            scale=scale,
+            window_size=(-1, 0),
+            **({"enable_gqa": True} if gqa else {}),
+        )
     if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6:
         raise ValueError(f"this torch's varlen_attn has no scale argument; the model needs scale {scale}")
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, is_causal=True)
@@ -280,15 +308,21 @@ def bind_cpu_threads(local_rank: int, local_world_size: int) -> list[int]:
     share = len(cpus) // max(local_world_size, 1)
     if local_world_size <= 1 or share < 1:
         return cpus
-    mine = cpus[local_rank * share:(local_rank + 1) * share]
+    mine = cpus[local_rank * share : (local_rank + 1) * share]
     os.sched_setaffinity(0, mine)
     cap = int(os.environ.get("OMP_NUM_THREADS") or 0)
     torch.set_num_threads(min(cap, share) if cap > 0 else share)
     return mine
 
 
-def shard_model(model: nn.Module, *, mixed_precision: bool | None = None, param_dtype=None,
-                reduce_dtype=torch.float32, activation_checkpointing: bool = False) -> nn.Module:
+def shard_model(
+    model: nn.Module,
+    *,
+    mixed_precision: bool | None = None,
+    param_dtype=None,
+    reduce_dtype=torch.float32,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
     """FSDP2 (torchtitan style): `fully_shard` each decoder block, then the root (embeddings, final norm,
     lm_head: tied weights stay in one group). In place; returns the model.
 
@@ -336,23 +370,40 @@ def _chunk_logprobs(hidden, head: nn.Module, targets, temperature: float, with_e
     return logp, entropy
 
 
-def _token_logprobs(self, input_ids, attention_mask, position_ids, cu_seqlens, max_len, gather_index, targets,
-                    temperature: float, with_entropy: bool, chunk_size: int):
+def _token_logprobs(
+    self,
+    input_ids,
+    attention_mask,
+    position_ids,
+    cu_seqlens,
+    max_len,
+    gather_index,
+    targets,
+    temperature: float,
+    with_entropy: bool,
+    chunk_size: int,
+):
     """Runs on the (possibly FSDP-root) causal LM; registered as an FSDP forward method so the root's
     hooks all-gather embeddings/norm/lm_head around it and hook backward, like a real forward would."""
     varlen = {}
     if cu_seqlens is not None and self.config._attn_implementation in VARLEN_IMPLEMENTATIONS:
         # sequence boundaries computed once per forward instead of once per layer from position_ids
         varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_len, max_length_k=max_len)
-    out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, use_cache=False, **varlen)
+    out = self.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **varlen
+    )
     hidden = out.last_hidden_state  # [B, L, H]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather_index)  # [N, H]
     head = self.get_output_embeddings()
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[start:start + chunk_size], head, targets[start:start + chunk_size],
-                temperature, with_entropy)
+        args = (
+            hidden[start : start + chunk_size],
+            head,
+            targets[start : start + chunk_size],
+            temperature,
+            with_entropy,
+        )
         if torch.is_grad_enabled():  # backward recomputes this chunk's logits instead of keeping them
             logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
@@ -399,15 +450,22 @@ def _build_inputs(sequences, prompt_lens, packed: bool):
         input_ids = torch.zeros(len(sequences), row, dtype=torch.long)
         attention_mask = torch.zeros(len(sequences), row, dtype=torch.long)
         for i, s in enumerate(sequences):
-            input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            attention_mask[i, :len(s)] = 1
+            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attention_mask[i, : len(s)] = 1
         position_ids = torch.arange(row).unsqueeze(0).expand(len(sequences), -1)
     return input_ids, attention_mask, position_ids, cu_seqlens, max(lengths), torch.cat(gather), targets
 
 
-def response_logprobs(model: nn.Module, sequences: list[list[int]], prompt_lens: list[int], *,
-                      temperature: float = 1.0, packed: bool, with_entropy: bool = False,
-                      chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor | None]:
+def response_logprobs(
+    model: nn.Module,
+    sequences: list[list[int]],
+    prompt_lens: list[int],
+    *,
+    temperature: float = 1.0,
+    packed: bool,
+    with_entropy: bool = False,
+    chunk_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat log pi(y_t | x, y_<t) of every response token of every sequence, in order: logp [N] float32
     (and entropy [N] of the same temperature-scaled distribution, for the entropy bonus).
 
@@ -424,7 +482,9 @@ def response_logprobs(model: nn.Module, sequences: list[list[int]], prompt_lens:
     if getattr(model, "_lcpo_logprob_fsdp", None) is not isinstance(model, FSDPModule):
         _attach_logprob_method(model)  # first call, or the model was sharded outside shard_model
     device = next(model.parameters()).device
-    tensors = [t.to(device) if isinstance(t, torch.Tensor) else t for t in _build_inputs(sequences, prompt_lens, packed)]
+    tensors = [
+        t.to(device) if isinstance(t, torch.Tensor) else t for t in _build_inputs(sequences, prompt_lens, packed)
+    ]
     return getattr(model, _LOGPROB_METHOD)(*tensors, temperature, with_entropy, chunk_size)
 
 
@@ -453,8 +513,8 @@ def use_bf16(device: torch.device, choice: str = "auto") -> bool:
 def release_cpu_heap() -> None:
     """Hand freed heap back to the OS after an update on CPU (glibc's malloc_trim; the CPU twin of
     torch.cuda.empty_cache). glibc keeps the memory of freed activations in its arenas, so a worker's resident
-    size grew over a long CPU run until the OOM killer stopped it (one of the CPU runs of results/HISTORY.md); trimming after
-    an update gave back 2.5 GiB there. A no-op where the C library is not glibc."""
+    size grew over a long CPU run until the OOM killer stopped it (one of the CPU runs of results/HISTORY.md);
+    trimming after an update gave back 2.5 GiB there. A no-op where the C library is not glibc."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

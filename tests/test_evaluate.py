@@ -1,5 +1,6 @@
 """evaluate.py: metrics on hand-made records (expected numbers computed by hand), S1 budget forcing on a scripted
 engine and on the embedded model, plots, an end-to-end CLI run, and a 2-process torchrun run merged on rank 0."""
+
 import json
 import math
 import os
@@ -10,22 +11,33 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import needs_vllm
 
 import evaluate
+from conftest import needs_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def rec(n_tokens, correct, budget, *, model="m", method="exact", dataset="d", pid="p0", sample=0):
-    return {"model": model, "method": method, "dataset": dataset, "problem_id": pid, "problem_index": 0,
-            "sample": sample, "budget": budget, "target": budget, "n_tokens": n_tokens, "correct": correct}
+    return {
+        "model": model,
+        "method": method,
+        "dataset": dataset,
+        "problem_id": pid,
+        "problem_index": 0,
+        "sample": sample,
+        "budget": budget,
+        "target": budget,
+        "n_tokens": n_tokens,
+        "correct": correct,
+    }
 
 
 # budget 100: n_y 80 100 130 150, correct T F T T | budget 200: n_y 180 220, correct F F
-HAND = ([rec(n, c, 100, pid=f"p{i}") for i, (n, c) in enumerate([(80, True), (100, False), (130, True), (150, True)])]
-        + [rec(n, False, 200, pid=f"p{i}") for i, n in enumerate([180, 220])])
+HAND = [
+    rec(n, c, 100, pid=f"p{i}") for i, (n, c) in enumerate([(80, True), (100, False), (130, True), (150, True)])
+] + [rec(n, False, 200, pid=f"p{i}") for i, n in enumerate([180, 220])]
 
 
 def test_summarize_exact_numbers():
@@ -117,12 +129,14 @@ class ScriptedEngine:
     def generate(self, prompt_ids, n, sampling):
         self.calls.append((len(prompt_ids), n, sampling.max_new_tokens, sampling.temperature))
         if sampling.temperature == 0:
-            ids, fin = [9, 2][:sampling.max_new_tokens], "stop"
+            ids, fin = [9, 2][: sampling.max_new_tokens], "stop"
         else:
-            ids = ([7] * 5 + [2])[:sampling.max_new_tokens]
+            ids = ([7] * 5 + [2])[: sampling.max_new_tokens]
             fin = "stop" if ids[-1] == 2 else "length"
-        return [[SimpleNamespace(token_ids=list(ids), text="", finish_reason=fin, logprobs=None) for _ in range(n)]
-                for _ in prompt_ids]
+        return [
+            [SimpleNamespace(token_ids=list(ids), text="", finish_reason=fin, logprobs=None) for _ in range(n)]
+            for _ in prompt_ids
+        ]
 
 
 @dataclass
@@ -191,7 +205,7 @@ def test_budget_forcing_embedded_model_stops_at_budget(hf_engine):
     for f in fs:
         assert 0 < len(f["think_ids"]) <= 48  # thinking never exceeds the budget
         assert not set(eng.eos_ids) & set(f["think_ids"])  # every EOS was stripped (then "Wait" or the cue)
-        assert f["answer_ids"][:len(cue)] == cue and len(f["answer_ids"]) <= len(cue) + 8
+        assert f["answer_ids"][: len(cue)] == cue and len(f["answer_ids"]) <= len(cue) + 8
         assert f["finish_reason"] == "length" or f["waits"] == 100 or 48 - len(f["think_ids"]) <= 1
 
 
@@ -238,15 +252,54 @@ def test_merge_combines_separate_runs(tmp_path):
         evaluate.main(["--merge", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
 
 
-TINY = ["--data", "arith", "--limit", "4", "--samples", "2", "--budgets", "32", "64", "--max-new-tokens", "12",
-        "--engine", "hf", "--seed", "1"]
+TINY = [
+    "--data",
+    "arith",
+    "--limit",
+    "4",
+    "--samples",
+    "2",
+    "--budgets",
+    "32",
+    "64",
+    "--max-new-tokens",
+    "12",
+    "--engine",
+    "hf",
+    "--seed",
+    "1",
+]
 
 
 def test_cli_end_to_end(embedded_model_dir, one_thread, tmp_path):
     out = tmp_path / "eval"
-    summary = evaluate.main(["--model", "smollm2", "--labels", "smol", "--data", "arith", "--limit", "2",
-                             "--samples", "2", "--budgets", "8", "16", "--max-new-tokens", "12", "--engine", "hf",
-                             "--baseline", "budget-forcing", "--bf-answer-tokens", "6", "--out", str(out)])
+    summary = evaluate.main(
+        [
+            "--model",
+            "smollm2",
+            "--labels",
+            "smol",
+            "--data",
+            "arith",
+            "--limit",
+            "2",
+            "--samples",
+            "2",
+            "--budgets",
+            "8",
+            "16",
+            "--max-new-tokens",
+            "12",
+            "--engine",
+            "hf",
+            "--baseline",
+            "budget-forcing",
+            "--bf-answer-tokens",
+            "6",
+            "--out",
+            str(out),
+        ]
+    )
     assert set(summary) == {"smol · exact", "smol · budget-forcing"}
     for name in ("results.json", "table.md", "samples.jsonl", "accuracy_vs_tokens.png", "length_vs_target.png"):
         assert (out / name).stat().st_size > 0, name
@@ -276,8 +329,21 @@ def _run(cmd, tmp_path):
 def test_torchrun_two_processes_merge_on_rank0(embedded_model_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "evaluate.py", *TINY, "--out", str(one)], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
-          *TINY, "--out", str(two)], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "evaluate.py",
+            *TINY,
+            "--out",
+            str(two),
+        ],
+        tmp_path,
+    )
     a = [json.loads(x) for x in (one / "samples.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (two / "samples.jsonl").read_text().splitlines()]
     assert len(a) == len(b) == 4 * 2 * 2
@@ -295,8 +361,9 @@ def test_several_checkpoints_share_one_engine(embedded_model_dir, one_thread, tm
     a zeroed final norm generates differently."""
     import shutil
 
-    import rollout
     from safetensors.torch import load_file, save_file
+
+    import rollout
 
     other = tmp_path / "zeroed"
     shutil.copytree(embedded_model_dir, other)
@@ -306,12 +373,34 @@ def test_several_checkpoints_share_one_engine(embedded_model_dir, one_thread, tm
     save_file(sd, str(f), metadata={"format": "pt"})
     built, kwargs = [], []
     real = rollout.make_engine
-    monkeypatch.setattr(rollout, "make_engine",
-                        lambda *a, **k: built.append(a[1]) or kwargs.append(k) or real(*a, **k))
+    monkeypatch.setattr(rollout, "make_engine", lambda *a, **k: built.append(a[1]) or kwargs.append(k) or real(*a, **k))
     out = tmp_path / "eval"
-    evaluate.main(["--model", "smollm2", str(other), "--labels", "base", "zeroed", "--data", "arith", "--limit", "1",
-                   "--samples", "2", "--budgets", "8", "--max-new-tokens", "8", "--engine", "hf", "--out", str(out),
-                   "--vllm-kv-cache-gib", "1.5"])
+    evaluate.main(
+        [
+            "--model",
+            "smollm2",
+            str(other),
+            "--labels",
+            "base",
+            "zeroed",
+            "--data",
+            "arith",
+            "--limit",
+            "1",
+            "--samples",
+            "2",
+            "--budgets",
+            "8",
+            "--max-new-tokens",
+            "8",
+            "--engine",
+            "hf",
+            "--out",
+            str(out),
+            "--vllm-kv-cache-gib",
+            "1.5",
+        ]
+    )
     assert built == [embedded_model_dir]  # one engine for both
     assert kwargs[0]["vllm_kv_cache_bytes"] == 3 << 29  # --vllm-kv-cache-gib reaches the engine (hf ignores it)
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -334,10 +423,41 @@ def test_vllm_engine_two_processes_two_checkpoints_budget_forcing(embedded_model
     sd["model.norm.weight"] = sd["model.norm.weight"] * 0  # every logit 0: uniform sampling
     save_file(sd, str(f), metadata={"format": "pt"})
     out = tmp_path / "eval"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
-          "--model", "smollm2", str(other), "--labels", "base", "zeroed", "--data", "arith", "--limit", "2",
-          "--samples", "2", "--budgets", "16", "32", "--engine", "vllm", "--baseline", "budget-forcing",
-          "--bf-answer-tokens", "6", "--out", str(out)], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "evaluate.py",
+            "--model",
+            "smollm2",
+            str(other),
+            "--labels",
+            "base",
+            "zeroed",
+            "--data",
+            "arith",
+            "--limit",
+            "2",
+            "--samples",
+            "2",
+            "--budgets",
+            "16",
+            "32",
+            "--engine",
+            "vllm",
+            "--baseline",
+            "budget-forcing",
+            "--bf-answer-tokens",
+            "6",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(recs) == 2 * 2 * 2 * 2 * 2  # models x methods x budgets x problems x samples
     assert json.loads((out / "results.json").read_text())["environment"]["world_size"] == 2
@@ -352,14 +472,20 @@ def test_vllm_engine_two_processes_two_checkpoints_budget_forcing(embedded_model
 
 def test_plot_curves_window_table_means(tmp_path):
     """results/plot_curves.py --table: plain means per window of k steps, a short last window, blanks for unlogged."""
-    rows = [dict(step=s, reward=r, accuracy=a, time_step=10.0 * s) for s, r, a in
-            [(1, -0.5, 0.0), (2, 0.5, 0.5), (3, 1.0, 1.0)]]
+    rows = [
+        dict(step=s, reward=r, accuracy=a, time_step=10.0 * s)
+        for s, r, a in [(1, -0.5, 0.0), (2, 0.5, 0.5), (3, 1.0, 1.0)]
+    ]
     rows[2]["len_target_corr"] = 0.25  # only step 3 logged it
     m = tmp_path / "metrics.jsonl"
     m.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     script = Path(evaluate.__file__).parent / "results" / "plot_curves.py"
-    out = subprocess.run([sys.executable, str(script), str(m), "--labels", "x", "--table", "2",
-                          "--out", str(tmp_path / "c.png")], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(script), str(m), "--labels", "x", "--table", "2", "--out", str(tmp_path / "c.png")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     table = [line for line in out.splitlines() if line.startswith("| 1-2") or line.startswith("| 3-3")]
     assert table == ["| 1-2 | 0.00 | 0.25 |  |  |  |  | 15.00 |", "| 3-3 | 1.00 | 1.00 |  |  |  | 0.25 | 30.00 |"]
     assert (tmp_path / "c.png").stat().st_size > 0

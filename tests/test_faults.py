@@ -2,6 +2,7 @@
 leaves on disk (a .tmp directory, a checkpoint without state.json, a truncated shard); and resumes with other
 settings. The kill points are deterministic (checkpoint.fault_point, LCPO_FAULT=<point>:<step>), so no test passes
 by luck; a tiny random Llama with SmolLM2's tokenizer keeps each run to seconds."""
+
 import json
 import shutil
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import TINY, _env, _metrics, _weights, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,11 +21,31 @@ RUN = [*TINY, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "0", "-
 
 def _run(model_dir, out, *extra, nproc=2, fault=None, timeout=300):
     """grpo.py under torchrun in its own session (a fault kills that whole process group, torchrun included)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-              "127.0.0.1", "--master_port", str(free_port())] if nproc > 1 else [sys.executable]
+    launch = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+        ]
+        if nproc > 1
+        else [sys.executable]
+    )
     env = _env(**({"LCPO_FAULT": fault} if fault else {}))
-    return subprocess.run([*launch, str(ROOT / "grpo.py"), *RUN, "--model", model_dir, "--out", str(out), *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    return subprocess.run(
+        [*launch, str(ROOT / "grpo.py"), *RUN, "--model", model_dir, "--out", str(out), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +120,10 @@ def test_what_a_killed_run_leaves_behind(straight, tiny_model_dir, tmp_path):
         f.truncate(size - 100)
     r = _run(tiny_model_dir, out, "--resume", nproc=1)
     assert r.returncode != 0
-    assert f"cannot resume from checkpoint {ckpts / 'step_000004'}: {model} has {size - 100} bytes, {size} when it " \
-           "was written (truncated or overwritten)" in r.stderr
+    assert (
+        f"cannot resume from checkpoint {ckpts / 'step_000004'}: {model} has {size - 100} bytes, {size} when it "
+        "was written (truncated or overwritten)" in r.stderr
+    )
     shutil.copy(straight / "checkpoints" / "step_000004" / "model" / "model.safetensors", model)
     shard = next((ckpts / "step_000004" / "optim").glob("*.distcp"))
     shard.write_bytes(b"")

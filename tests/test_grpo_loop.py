@@ -2,6 +2,7 @@
 
 A tiny random Llama with SmolLM2's tokenizer keeps these fast; one test runs the embedded model itself.
 """
+
 import json
 import math
 import signal
@@ -12,14 +13,26 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import TINY, _env, _metrics, _weights, free_port, needs_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(nproc: int, args: list[str], timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(ROOT / "grpo.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "grpo.py"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -40,8 +53,22 @@ def _update_worker(di, model_dir, out_file):
     import model as M
     from grpo import parse_args, update_policy
 
-    cfg = parse_args(["--lr", "1e-2", "--minibatches", "2", "--tokens-per-microbatch", "24", "--kl-coef", "0.1",
-                      "--entropy-coef", "0.01", "--tis-cap", "0"])
+    cfg = parse_args(
+        [
+            "--lr",
+            "1e-2",
+            "--minibatches",
+            "2",
+            "--tokens-per-microbatch",
+            "24",
+            "--kl-coef",
+            "0.1",
+            "--entropy-coef",
+            "0.01",
+            "--tis-cap",
+            "0",
+        ]
+    )
     policy = M.shard_model(M.load_model(model_dir), mixed_precision=False)
     ref = M.shard_model(M.load_model(model_dir), mixed_precision=False)
     ref.requires_grad_(False)
@@ -52,7 +79,7 @@ def _update_worker(di, model_dir, out_file):
     with torch.no_grad():
         for p in ref.parameters():
             p.mul_(0.9)
-    eps = _episodes()[di.rank::di.world_size]
+    eps = _episodes()[di.rank :: di.world_size]
     stats = update_policy(policy, ref, opt, eps, cfg, di, packed=False)
     full = {k: v.clone() for k, v in M.iter_full_state_dict(policy)}
     if di.rank == 0:
@@ -91,20 +118,33 @@ def test_pi_old_is_frozen_only_for_the_later_minibatches(tiny_model_dir, monkeyp
         return net, torch.optim.SGD(net.parameters(), lr=1.0)  # linear in the gradients (see _update_worker)
 
     def lp(net, batch):
-        return M.response_logprobs(net, [e.prompt_ids + e.response_ids for e in batch],
-                                   [len(e.prompt_ids) for e in batch], temperature=0.6, packed=False)[0]
+        return M.response_logprobs(
+            net,
+            [e.prompt_ids + e.response_ids for e in batch],
+            [len(e.prompt_ids) for e in batch],
+            temperature=0.6,
+            packed=False,
+        )[0]
 
     # The textbook loop: pi_old of the whole batch frozen before the first optimizer step.
     policy, opt = fresh()
     with torch.no_grad():
         old = lp(policy, eps).split([len(e.response_ids) for e in eps])
     for k in range(2):
-        mb, mb_old = eps[4 * k:4 * k + 4], torch.cat(old[4 * k:4 * k + 4])
+        mb, mb_old = eps[4 * k : 4 * k + 4], torch.cat(old[4 * k : 4 * k + 4])
         lens = torch.tensor([len(e.response_ids) for e in mb])
         opt.zero_grad()
         adv = torch.repeat_interleave(torch.tensor([e.advantage for e in mb]), lens)
-        loss, _ = policy_loss(lp(policy, mb), mb_old, adv, torch.repeat_interleave(torch.arange(4), lens),
-                              num_seqs=4, num_tokens=int(lens.sum()), kl_coef=0.0, entropy_coef=0.0)
+        loss, _ = policy_loss(
+            lp(policy, mb),
+            mb_old,
+            adv,
+            torch.repeat_interleave(torch.arange(4), lens),
+            num_seqs=4,
+            num_tokens=int(lens.sum()),
+            kl_coef=0.0,
+            entropy_coef=0.0,
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grpo.grad_clip)
         opt.step()
@@ -154,8 +194,15 @@ def test_weight_sync_engine_uses_new_weights(tiny_model_dir):
 
     before_engine, before_policy, ids = engine_vs_policy()
     assert torch.allclose(before_engine, before_policy, atol=1e-4)
-    update_policy(policy, None, opt, [Episode(prompt[0], ids, 1.0, 1.0, None), Episode(prompt[0], ids[:3], 0.0, -1.0, None)],
-                  cfg, di, packed=False)
+    update_policy(
+        policy,
+        None,
+        opt,
+        [Episode(prompt[0], ids, 1.0, 1.0, None), Episode(prompt[0], ids[:3], 0.0, -1.0, None)],
+        cfg,
+        di,
+        packed=False,
+    )
     stale_engine = torch.tensor(engine.generate(prompt, 1, sampling)[0][0].logprobs)
     engine.load_weights(M.iter_full_state_dict(policy))
     after_engine, after_policy, _ = engine_vs_policy()
@@ -202,8 +249,19 @@ def test_resume_matches_uninterrupted_run_two_processes(engine, request, tmp_pat
 
 def test_sigterm_saves_and_exits(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "500",
-           "--save-every", "1000", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "grpo.py"),
+        *TINY,
+        "--model",
+        tiny_model_dir,
+        "--steps",
+        "500",
+        "--save-every",
+        "1000",
+        "--out",
+        str(out),
+    ]
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and _metrics(out)):
@@ -223,14 +281,38 @@ def test_real_run_on_embedded_model_writes_loadable_checkpoint(embedded_model_di
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "smol"
-    cmd = [sys.executable, str(ROOT / "grpo.py"), "--preset", "smollm2-cpu", "--steps", "1", "--prompts-per-step", "2",
-           "--group-size", "2", "--max-new-tokens", "24", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "grpo.py"),
+        "--preset",
+        "smollm2-cpu",
+        "--steps",
+        "1",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (m,) = _metrics(out)
     assert m["step"] == 1 and 1 <= m["response_len"] <= 24 and m["kl"] >= 0
-    for key in ("reward", "accuracy", "rel_len_dev", "clip_frac", "entropy", "grad_norm", "time_generate", "time_train",
-                "time_sync", "time_score"):
+    for key in (
+        "reward",
+        "accuracy",
+        "rel_len_dev",
+        "clip_frac",
+        "entropy",
+        "grad_norm",
+        "time_generate",
+        "time_train",
+        "time_sync",
+        "time_score",
+    ):
         assert key in m
     ckpt = out / "checkpoints" / "step_000001" / "model"
     loaded = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -242,26 +324,30 @@ def test_real_run_on_embedded_model_writes_loadable_checkpoint(embedded_model_di
 
 def test_resume_errors_are_clear(tiny_model_dir, tmp_path):
     base = [sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "2", "--resume"]
-    r = subprocess.run([*base, "--out", str(tmp_path / "empty")], cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [*base, "--out", str(tmp_path / "empty")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode != 0 and "no complete checkpoint under" in r.stderr
 
     bad = tmp_path / "bad" / "checkpoints" / "step_000001"
     (bad / "model").mkdir(parents=True)
     (bad / "model" / "model.safetensors").write_bytes(b"not a safetensors file")
     (bad / "state.json").write_text(json.dumps({"step": 1}))
-    r = subprocess.run([*base, "--out", str(tmp_path / "bad")], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [*base, "--out", str(tmp_path / "bad")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode != 0 and "cannot resume from checkpoint" in r.stderr and "step_000001" in r.stderr
     assert "lacks stream, world_size, config, files" in r.stderr
 
-    r = subprocess.run([*base[:-1], "--target", "sometimes"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [*base[:-1], "--target", "sometimes"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and "--target" in r.stderr
 
     # a new run (no --resume) into the directory of an earlier one is refused, naming it
-    r = subprocess.run([*base[:-1], "--out", str(tmp_path / "bad")], cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [*base[:-1], "--out", str(tmp_path / "bad")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert r.returncode != 0 and "already holds checkpoints of an earlier run (newest: step_000001)" in r.stderr
 
 
@@ -271,8 +357,14 @@ def test_failed_save_is_a_clear_error(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoints").write_text("not a directory")
-    r = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "1",
-                        "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "1", "--out", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0
     assert f"saving checkpoint {out / 'checkpoints' / 'step_000001'} failed" in r.stderr and "GiB free" in r.stderr
     assert [m["step"] for m in _metrics(out)] == [1]  # the step's metrics were written before the save
@@ -292,8 +384,23 @@ def test_every_reward_trains_a_step_on_the_embedded_model(embedded_model_dir):
     policy = M.shard_model(M.load_model(embedded_model_dir), mixed_precision=False)
     optimizer = torch.optim.SGD(policy.parameters(), lr=1e-4)
     engine = rollout.HFEngine(embedded_model_dir, batch_size=8)
-    common = ["--target", "exact", "--max-new-tokens", "24", "--prompts-per-step", "2", "--group-size", "3",
-              "--minibatches", "1", "--kl-coef", "0", "--last-number-fallback", "--tokens-per-microbatch", "4096"]
+    common = [
+        "--target",
+        "exact",
+        "--max-new-tokens",
+        "24",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "3",
+        "--minibatches",
+        "1",
+        "--kl-coef",
+        "0",
+        "--last-number-fallback",
+        "--tokens-per-microbatch",
+        "4096",
+    ]
     stream = D.PromptStream(D.load_problems("arith", split="test", limit=8), target_lo=8, target_hi=32, seed=1)
     samples = stream.next_batch(2, tok)
     prompts = [tok(s.prompt, add_special_tokens=False)["input_ids"] for s in samples]
@@ -304,11 +411,15 @@ def test_every_reward_trains_a_step_on_the_embedded_model(embedded_model_dir):
         cfg = parse_args([*common, "--reward", name])
         scores = compute_rewards(samples, completions, cfg, history)
         assert scores.reward.shape == (2, 3) and torch.isfinite(scores.reward).all(), name
-        assert torch.equal(scores.length, torch.tensor([[len(c.token_ids) for c in g] for g in completions],
-                                                       dtype=torch.float32))
+        assert torch.equal(
+            scores.length, torch.tensor([[len(c.token_ids) for c in g] for g in completions], dtype=torch.float32)
+        )
         adv = group_advantages(scores.reward)
-        eps = [Episode(p, c.token_ids, scores.reward[i, j].item(), adv[i, j].item(), c.logprobs)
-               for i, (p, group) in enumerate(zip(prompts, completions)) for j, c in enumerate(group)]
+        eps = [
+            Episode(p, c.token_ids, scores.reward[i, j].item(), adv[i, j].item(), c.logprobs)
+            for i, (p, group) in enumerate(zip(prompts, completions))
+            for j, c in enumerate(group)
+        ]
         stats = update_policy(policy, None, optimizer, eps, cfg, di, packed=False)
         assert math.isfinite(stats["grad_norm"]) and stats["tokens"] == scores.length.sum(), name
     after = dict(M.iter_full_state_dict(policy))
@@ -340,31 +451,98 @@ def test_checkpoint_keeps_the_reward_state(tiny_model_dir, tmp_path):
 
 @needs_vllm
 def test_vllm_kv_cache_too_small_names_the_flags(tiny_vllm_model_dir, tmp_path):
-    """A KV cache that cannot hold one prompt + --max-new-tokens sequence stops the run at start-up, naming the flags."""
-    r = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_vllm_model_dir, "--steps", "1",
-                        "--engine", "vllm", "--max-new-tokens", "200", "--vllm-kv-cache-gib", "0.00001",
-                        "--out", str(tmp_path / "run")], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=300)
+    """A KV cache that cannot hold one prompt + --max-new-tokens sequence stops the run at start-up, naming the
+    flags."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "grpo.py"),
+            *TINY,
+            "--model",
+            tiny_vllm_model_dir,
+            "--steps",
+            "1",
+            "--engine",
+            "vllm",
+            "--max-new-tokens",
+            "200",
+            "--vllm-kv-cache-gib",
+            "0.00001",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0
     assert "cannot hold one sequence of max_model_len = 456 tokens" in r.stderr, r.stderr[-3000:]
     assert "--max-new-tokens" in r.stderr and "--vllm-kv-cache-gib" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("extra", [
-    ["--target", "mixed", "--kl-coef", "0", "--loss-agg", "seq-mean-token-mean", "--drop-equal-groups",
-     "--eps-high", "0.28", "--no-std-normalize", "--tis-cap", "0", "--dtype", "float32"],
-    ["--target", "none", "--reward", "correctness", "--loss-agg", "constant", "--entropy-coef", "0",
-     "--minibatches", "1", "--packed", "on"],
-    ["--target", "exact", "--targets-per-problem", "2", "--dtype", "bfloat16"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [
+            "--target",
+            "mixed",
+            "--kl-coef",
+            "0",
+            "--loss-agg",
+            "seq-mean-token-mean",
+            "--drop-equal-groups",
+            "--eps-high",
+            "0.28",
+            "--no-std-normalize",
+            "--tis-cap",
+            "0",
+            "--dtype",
+            "float32",
+        ],
+        [
+            "--target",
+            "none",
+            "--reward",
+            "correctness",
+            "--loss-agg",
+            "constant",
+            "--entropy-coef",
+            "0",
+            "--minibatches",
+            "1",
+            "--packed",
+            "on",
+        ],
+        ["--target", "exact", "--targets-per-problem", "2", "--dtype", "bfloat16"],
+    ],
+)
 def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
     """The options the field uses (L1-Max mixed prompts, no reference model, Dr. GRPO, clip-higher, dropping
     equal groups, plain GRPO, packed rows on CPU, each problem at two targets, either compute dtype on CPU) run
     the real loop and log a step."""
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "1",
-                        "--out", str(out), *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "grpo.py"),
+            *TINY,
+            "--model",
+            tiny_model_dir,
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (m,) = _metrics(out)
     assert m["step"] == 1 and (m["kl"] == 0 if "--kl-coef" in extra else True)

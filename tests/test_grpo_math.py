@@ -1,4 +1,5 @@
 """The GRPO math of grpo.py against hand-computed values and a direct, loop-by-loop re-computation."""
+
 import math
 
 import pytest
@@ -42,16 +43,34 @@ def test_policy_loss_hand_values_and_clipping():
 def test_asymmetric_clip_higher():
     logp = torch.tensor([0.22], requires_grad=True)  # ratio 1.246: clipped at 1.2, not at 1.28
     for eps_high, clipped in ((0.2, True), (0.28, False)):
-        loss, _ = policy_loss(logp, torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long),
-                              num_seqs=1, num_tokens=1, eps_high=eps_high, kl_coef=0, entropy_coef=0)
+        loss, _ = policy_loss(
+            logp,
+            torch.zeros(1),
+            torch.ones(1),
+            torch.zeros(1, dtype=torch.long),
+            num_seqs=1,
+            num_tokens=1,
+            eps_high=eps_high,
+            kl_coef=0,
+            entropy_coef=0,
+        )
         assert loss.item() == pytest.approx(-(1 + eps_high) if clipped else -math.exp(0.22), abs=1e-6)
 
 
 def test_k3_kl_value_and_nonnegative():
     logp = torch.tensor([-1.0, -2.0])
     ref = torch.tensor([-0.9, -2.0])
-    loss, m = policy_loss(logp, logp, torch.zeros(2), torch.tensor([0, 1]), num_seqs=2, num_tokens=2, ref_logp=ref,
-                          kl_coef=1.0, entropy_coef=0)
+    loss, m = policy_loss(
+        logp,
+        logp,
+        torch.zeros(2),
+        torch.tensor([0, 1]),
+        num_seqs=2,
+        num_tokens=2,
+        ref_logp=ref,
+        kl_coef=1.0,
+        entropy_coef=0,
+    )
     kl0 = math.exp(0.1) - 0.1 - 1  # 0.0051709
     assert m["kl"].item() == pytest.approx(kl0, abs=1e-7)
     assert loss.item() == pytest.approx(kl0 / 2, abs=1e-7)
@@ -87,8 +106,22 @@ def test_policy_loss_and_gradient_match_direct_computation(agg):
     kw = dict(eps_lo=0.2, eps_hi=0.28, beta=0.05, c_ent=0.01, agg=agg, const=8.0)
 
     a = base.clone().requires_grad_(True)
-    loss, _ = policy_loss(a, old, adv, seqs, num_seqs=3, num_tokens=n, ref_logp=ref, entropy=ent, eps_low=0.2,
-                          eps_high=0.28, kl_coef=0.05, entropy_coef=0.01, agg=agg, constant=8.0)
+    loss, _ = policy_loss(
+        a,
+        old,
+        adv,
+        seqs,
+        num_seqs=3,
+        num_tokens=n,
+        ref_logp=ref,
+        entropy=ent,
+        eps_low=0.2,
+        eps_high=0.28,
+        kl_coef=0.05,
+        entropy_coef=0.01,
+        agg=agg,
+        constant=8.0,
+    )
     loss.backward()
     b = base.clone().requires_grad_(True)
     direct = _direct_loss(b, old, adv, seqs, ref, ent, **kw)
@@ -105,19 +138,48 @@ def test_microbatch_split_sums_to_minibatch_loss():
     logp, old = torch.randn(10, generator=g), torch.randn(10, generator=g)
     adv = torch.randn(4, generator=g)[seqs]
     for agg in ("token-mean", "seq-mean-token-mean", "constant"):
-        whole, _ = policy_loss(logp, old, adv, seqs, num_seqs=4, num_tokens=10, kl_coef=0, entropy_coef=0, agg=agg,
-                               constant=5.0)
-        first, _ = policy_loss(logp[:6], old[:6], adv[:6], seqs[:6], num_seqs=4, num_tokens=10, kl_coef=0,
-                               entropy_coef=0, agg=agg, constant=5.0)
-        second, _ = policy_loss(logp[6:], old[6:], adv[6:], seqs[6:] - 2, num_seqs=4, num_tokens=10, kl_coef=0,
-                                entropy_coef=0, agg=agg, constant=5.0)
+        whole, _ = policy_loss(
+            logp, old, adv, seqs, num_seqs=4, num_tokens=10, kl_coef=0, entropy_coef=0, agg=agg, constant=5.0
+        )
+        first, _ = policy_loss(
+            logp[:6],
+            old[:6],
+            adv[:6],
+            seqs[:6],
+            num_seqs=4,
+            num_tokens=10,
+            kl_coef=0,
+            entropy_coef=0,
+            agg=agg,
+            constant=5.0,
+        )
+        second, _ = policy_loss(
+            logp[6:],
+            old[6:],
+            adv[6:],
+            seqs[6:] - 2,
+            num_seqs=4,
+            num_tokens=10,
+            kl_coef=0,
+            entropy_coef=0,
+            agg=agg,
+            constant=5.0,
+        )
         assert (first + second).item() == pytest.approx(whole.item(), abs=1e-6)
 
 
 def test_ratio_one_zero_advantage_gives_zero_gradient():
     logp = torch.tensor([-1.0, -0.3, -2.0], requires_grad=True)
-    loss, m = policy_loss(logp, logp.detach(), torch.zeros(3), torch.tensor([0, 0, 1]), num_seqs=2, num_tokens=3,
-                          kl_coef=0, entropy_coef=0)
+    loss, m = policy_loss(
+        logp,
+        logp.detach(),
+        torch.zeros(3),
+        torch.tensor([0, 0, 1]),
+        num_seqs=2,
+        num_tokens=3,
+        kl_coef=0,
+        entropy_coef=0,
+    )
     loss.backward()
     assert loss.item() == 0.0
     assert torch.count_nonzero(logp.grad) == 0
@@ -127,11 +189,31 @@ def test_ratio_one_zero_advantage_gives_zero_gradient():
 def test_truncated_importance_sampling_weight():
     logp = torch.tensor([-1.0], requires_grad=True)
     rollout = torch.tensor([-2.0])  # engine thought the token less likely: weight e^1 = 2.718, capped at 2
-    loss, _ = policy_loss(logp, logp.detach(), torch.ones(1), torch.zeros(1, dtype=torch.long), num_seqs=1,
-                          num_tokens=1, rollout_logp=rollout, tis_cap=2.0, kl_coef=0, entropy_coef=0)
+    loss, _ = policy_loss(
+        logp,
+        logp.detach(),
+        torch.ones(1),
+        torch.zeros(1, dtype=torch.long),
+        num_seqs=1,
+        num_tokens=1,
+        rollout_logp=rollout,
+        tis_cap=2.0,
+        kl_coef=0,
+        entropy_coef=0,
+    )
     assert loss.item() == pytest.approx(-2.0)
-    loss, _ = policy_loss(logp, logp.detach(), torch.ones(1), torch.zeros(1, dtype=torch.long), num_seqs=1,
-                          num_tokens=1, rollout_logp=rollout, tis_cap=0.0, kl_coef=0, entropy_coef=0)
+    loss, _ = policy_loss(
+        logp,
+        logp.detach(),
+        torch.ones(1),
+        torch.zeros(1, dtype=torch.long),
+        num_seqs=1,
+        num_tokens=1,
+        rollout_logp=rollout,
+        tis_cap=0.0,
+        kl_coef=0,
+        entropy_coef=0,
+    )
     assert loss.item() == pytest.approx(-1.0)
 
 
@@ -139,23 +221,52 @@ def test_cli_presets_and_bad_flags(capsys):
     cfg = parse_args(["--preset", "smollm2-cpu", "--target", "max", "--steps", "3"])
     assert (cfg.model.model, cfg.data.data, cfg.data.target, cfg.run.steps) == ("smollm2", "arith", "max", 3)
     paper = parse_args([])
-    assert (paper.grpo.prompts_per_step, paper.grpo.group_size, paper.grpo.lr, paper.data.max_new_tokens) == (128, 16, 1e-6, 4096)
-    assert (paper.grpo.eps_low, paper.grpo.kl_coef, paper.grpo.entropy_coef, paper.data.temperature) == (0.2, 0.001, 0.001, 0.6)
-    for argv, needle in ((["--target", "long"], "--target"), (["--target-min", "500", "--target-max", "100"], "--target-min"),
-                         (["--group-size", "1"], "--group-size"), (["--prompts-per-step", "10", "--minibatches", "3"], "--minibatches"),
-                         (["--preset", "nope"], "--preset"), (["--lr", "abc"], "--lr"), (["--dtype", "fp16"], "--dtype"),
-                         (["--prompts-per-step", "9", "--minibatches", "1", "--targets-per-problem", "2"], "--targets-per-problem"),
-                         (["--target-min", "10", "--target-max", "12", "--targets-per-problem", "4"], "--targets-per-problem"),
-                         (["--reward", "shortest"], "--reward must be one of lcpo|"),
-                         (["--reward", "lcpo-max", "--target", "none"], "--reward lcpo-max scores the length against the "
-                          "prompt's target, and --target none writes no target"),
-                         (["--target", "none"], "--reward lcpo scores"),  # plain GRPO is --reward correctness
-                         (["--dapo-cache", "5000"], "--dapo-cache")):
+    assert (paper.grpo.prompts_per_step, paper.grpo.group_size, paper.grpo.lr, paper.data.max_new_tokens) == (
+        128,
+        16,
+        1e-6,
+        4096,
+    )
+    assert (paper.grpo.eps_low, paper.grpo.kl_coef, paper.grpo.entropy_coef, paper.data.temperature) == (
+        0.2,
+        0.001,
+        0.001,
+        0.6,
+    )
+    for argv, needle in (
+        (["--target", "long"], "--target"),
+        (["--target-min", "500", "--target-max", "100"], "--target-min"),
+        (["--group-size", "1"], "--group-size"),
+        (["--prompts-per-step", "10", "--minibatches", "3"], "--minibatches"),
+        (["--preset", "nope"], "--preset"),
+        (["--lr", "abc"], "--lr"),
+        (["--dtype", "fp16"], "--dtype"),
+        (["--prompts-per-step", "9", "--minibatches", "1", "--targets-per-problem", "2"], "--targets-per-problem"),
+        (["--target-min", "10", "--target-max", "12", "--targets-per-problem", "4"], "--targets-per-problem"),
+        (["--reward", "shortest"], "--reward must be one of lcpo|"),
+        (
+            ["--reward", "lcpo-max", "--target", "none"],
+            "--reward lcpo-max scores the length against the prompt's target, and --target none writes no target",
+        ),
+        (["--target", "none"], "--reward lcpo scores"),  # plain GRPO is --reward correctness
+        (["--dapo-cache", "5000"], "--dapo-cache"),
+    ):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert needle in capsys.readouterr().err
-    for name in ("correctness", "dapo", "laser", "thinkprune", "cosine", "kimi", "efficient", "shorterbetter",
-                 "grpo-lead", "alp", "hapo"):  # rewards without a target run with prompts without one
+    for name in (
+        "correctness",
+        "dapo",
+        "laser",
+        "thinkprune",
+        "cosine",
+        "kimi",
+        "efficient",
+        "shorterbetter",
+        "grpo-lead",
+        "alp",
+        "hapo",
+    ):  # rewards without a target run with prompts without one
         assert parse_args(["--reward", name, "--target", "none"]).reward.reward == name
     cfg = parse_args(["--reward", "laser", "--laser-budget", "64", "--laser-bonus", "0.25"])
     assert cfg.reward.constants() == {"budget": 64, "bonus": 0.25}
@@ -165,13 +276,14 @@ def test_help_says_what_each_flag_takes(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--target TARGET the prompt's sentence: exact (\"Think for N tokens.\") | max" in out
+    assert '--target TARGET the prompt\'s sentence: exact ("Think for N tokens.") | max' in out
     assert "mixed (each prompt exact or max, 50/50: the L1-Max recipe) | none (no target) (default: exact)" in out
     assert "| grpo-lead | alp | hapo (default: lcpo)" in out and "--engine ENGINE rollout engine: auto" in out
 
 
 def test_pearson_from_sums_matches_numpy():
     import numpy as np
+
     x, y = np.array([32.0, 32, 64, 64, 128, 128]), np.array([40.0, 70, 66, 90, 100, 171])
     sums = (len(x), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum())
     assert pearson_from_sums(*sums) == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-12)
@@ -191,13 +303,15 @@ def test_step_metrics_count_items_a_grading_bound_hit():
     cfg = parse_args(["--target", "exact", "--group-size", "2", "--max-new-tokens", "8"])
     problem = D.Problem("How much is 2 + 2?", "4", "t", "t:0")
     samples = [D.Sample(problem, 6, "exact", "p")]
-    completions = [[Completion([1, 2, 3], "so \\boxed{4}", "stop"),
-                    Completion([1] * 8, "\\boxed{10^{10^{10^{10}}}}", "length")]]
+    completions = [
+        [Completion([1, 2, 3], "so \\boxed{4}", "stop"), Completion([1] * 8, "\\boxed{10^{10^{10^{10}}}}", "length")]
+    ]
     scores = compute_rewards(samples, completions, cfg, R.HapoHistory())
     assert scores.correct.tolist() == [[1.0, 0.0]] and scores.grading.too_costly == 1
     assert scores.reward[0].tolist() == pytest.approx([1 - 0.0003 * 3, -0.0003 * 2])
-    stats = dict(tokens=11, clip_frac=0.0, kl=0.0, entropy=0.0, tis_mismatch=0.0, ratio_min=1.0, ratio_max=1.0,
-                 grad_norm=0.5)
+    stats = dict(
+        tokens=11, clip_frac=0.0, kl=0.0, entropy=0.0, tis_mismatch=0.0, ratio_min=1.0, ratio_max=1.0, grad_norm=0.5
+    )
     m = step_metrics(1, samples, completions, scores, stats, M.init_distributed(), times=dict(step=1.0))
     assert m["grade_bounded"] == 1 and m["accuracy"] == 0.5 and m["truncated"] == 0.5 and m["repeats"] == 0.0
     assert m["response_len"] == 5.5 and m["abs_len_dev"] == 2.5 and m["length_term"] == pytest.approx(-0.00075)

@@ -1,5 +1,6 @@
 """The length-reward family of rewards.py: exact values on a hand-computed group, each paper's edge cases, the group
 rewards against a plain loop over responses, HAPO's history, the repetition measure, and the --reward flag rules."""
+
 import math
 import random
 
@@ -12,8 +13,15 @@ TIGHT = dict(abs=1e-8)
 
 # The hand-computed group: L = 100, T = 50; two correct (40 and 60 tokens), a wrong boxed answer (30 tokens) and a
 # response cut at the limit without an answer (100 tokens).
-G4 = Group(correct=[True, True, False, False], lengths=[40, 60, 30, 100], boxed=[True, True, True, False],
-           target=50, mode="exact", limit=100, key="p0")
+G4 = Group(
+    correct=[True, True, False, False],
+    lengths=[40, 60, 30, 100],
+    boxed=[True, True, True, False],
+    target=50,
+    mode="exact",
+    limit=100,
+    key="p0",
+)
 
 
 def reward(name, g=G4, history=None, **constants):
@@ -29,25 +37,41 @@ def approx(xs):
 COS = {n: math.cos(math.pi * n / 100) for n in (30, 40, 60, 100)}
 
 
-@pytest.mark.parametrize("name, constants, rewards, base", [
-    ("lcpo-exact", dict(alpha=0.01), [0.9, 0.9, -0.2, -0.5], [1, 1, 0, 0]),  # c - 0.01 |50 - n|
-    ("lcpo-max", dict(alpha=0.01), [0.6, 0.4, 0.0, 0.0], [1, 1, 0, 0]),  # c clip(0.01 (50 - n) + 0.5, 0, 1)
-    ("correctness", {}, [1, 1, 0, 0], [1, 1, 0, 0]),
-    ("dapo", dict(cache=20), [1, 1, -1, -2], [1, 1, -1, -1]),  # +-1, then (80 - n) / 20 past 80: -1 at 100
-    ("laser", dict(budget=50), [1.5, 1, -0.5, -1], [1, 1, -0.5, -1]),  # R0 +1 / -0.5 / -1 (no box), +0.5 if n <= 50
-    ("thinkprune", dict(cap=50), [1, 0, 0, 0], [1, 1, 0, 0]),  # the 60-token correct answer is over the cap
-    ("cosine", {}, [0.5 + 0.25 * (1 + COS[40]), 0.5 + 0.25 * (1 + COS[60]), -0.5 - 0.25 * (1 + COS[30]),
-                    -0.5 - 0.25 * (1 + COS[100])], [1.0, 1.0, -1.0, -1.0]),
-    # lambda = 0.5 - (n - 30) / 70: 5/14, 1/14, 0.5, -0.5; correct + 0.5 lambda, wrong 0.5 min(0, lambda)
-    ("kimi", dict(weight=0.5), [1 + 5 / 28, 1 + 1 / 28, 0.0, -0.25], [1, 1, 0, 0]),
-    # correct lengths 40, 60 (the cut one is wrong): mean 50, population std 10, z = -1, +1
-    ("efficient", dict(alpha=0.1), [1 - 0.1 / (1 + math.e), 1 - 0.1 / (1 + math.exp(-1)), 0, 0], [1, 1, 0, 0]),
-    ("shorterbetter", dict(a=2.0, b=0.01), [2.0, 1.8, -0.1, -0.6], [2, 2, 0, 0]),  # SOL = 40
-    # correct: sample std 10 sqrt(2), z = -+1/sqrt(2); wrong boxed -1, no answer 0
-    ("grpo-lead", dict(alpha=0.05), [math.exp(0.05 / math.sqrt(2)), math.exp(-0.05 / math.sqrt(2)), -1.0, 0.0],
-     [1, 1, -1, 0]),
-    ("alp", dict(beta=0.5), [0.9, 0.85, -0.075, -0.25], [1, 1, 0, 0]),  # half solved: 0.5 * 0.5 * n / 100
-])
+@pytest.mark.parametrize(
+    "name, constants, rewards, base",
+    [
+        ("lcpo-exact", dict(alpha=0.01), [0.9, 0.9, -0.2, -0.5], [1, 1, 0, 0]),  # c - 0.01 |50 - n|
+        ("lcpo-max", dict(alpha=0.01), [0.6, 0.4, 0.0, 0.0], [1, 1, 0, 0]),  # c clip(0.01 (50 - n) + 0.5, 0, 1)
+        ("correctness", {}, [1, 1, 0, 0], [1, 1, 0, 0]),
+        ("dapo", dict(cache=20), [1, 1, -1, -2], [1, 1, -1, -1]),  # +-1, then (80 - n) / 20 past 80: -1 at 100
+        ("laser", dict(budget=50), [1.5, 1, -0.5, -1], [1, 1, -0.5, -1]),  # R0 +1 / -0.5 / -1 (no box), +0.5 if n <= 50
+        ("thinkprune", dict(cap=50), [1, 0, 0, 0], [1, 1, 0, 0]),  # the 60-token correct answer is over the cap
+        (
+            "cosine",
+            {},
+            [
+                0.5 + 0.25 * (1 + COS[40]),
+                0.5 + 0.25 * (1 + COS[60]),
+                -0.5 - 0.25 * (1 + COS[30]),
+                -0.5 - 0.25 * (1 + COS[100]),
+            ],
+            [1.0, 1.0, -1.0, -1.0],
+        ),
+        # lambda = 0.5 - (n - 30) / 70: 5/14, 1/14, 0.5, -0.5; correct + 0.5 lambda, wrong 0.5 min(0, lambda)
+        ("kimi", dict(weight=0.5), [1 + 5 / 28, 1 + 1 / 28, 0.0, -0.25], [1, 1, 0, 0]),
+        # correct lengths 40, 60 (the cut one is wrong): mean 50, population std 10, z = -1, +1
+        ("efficient", dict(alpha=0.1), [1 - 0.1 / (1 + math.e), 1 - 0.1 / (1 + math.exp(-1)), 0, 0], [1, 1, 0, 0]),
+        ("shorterbetter", dict(a=2.0, b=0.01), [2.0, 1.8, -0.1, -0.6], [2, 2, 0, 0]),  # SOL = 40
+        # correct: sample std 10 sqrt(2), z = -+1/sqrt(2); wrong boxed -1, no answer 0
+        (
+            "grpo-lead",
+            dict(alpha=0.05),
+            [math.exp(0.05 / math.sqrt(2)), math.exp(-0.05 / math.sqrt(2)), -1.0, 0.0],
+            [1, 1, -1, 0],
+        ),
+        ("alp", dict(beta=0.5), [0.9, 0.85, -0.075, -0.25], [1, 1, 0, 0]),  # half solved: 0.5 * 0.5 * n / 100
+    ],
+)
 def test_exact_values_on_a_hand_computed_group(name, constants, rewards, base):
     r, b, _ = reward(name, **constants)
     assert r == approx(rewards) and b == approx(base)
@@ -86,8 +110,15 @@ def test_defaults_at_our_scale():
 
 
 def group(correct, lengths, boxed=None, limit=100, target=50, key="p"):
-    return Group(correct=correct, lengths=lengths, boxed=boxed or [True] * len(correct), target=target, mode="exact",
-                 limit=limit, key=key)
+    return Group(
+        correct=correct,
+        lengths=lengths,
+        boxed=boxed or [True] * len(correct),
+        target=target,
+        mode="exact",
+        limit=limit,
+        key=key,
+    )
 
 
 def test_edge_cases_each_paper_defines():
@@ -144,9 +175,16 @@ def _loop_reference(name, g: Group, **k):
     return out
 
 
-@pytest.mark.parametrize("name, k", [("kimi", dict(weight=0.7)), ("efficient", dict(alpha=0.3)),
-                                     ("shorterbetter", dict(a=2.0, b=0.02)), ("grpo-lead", dict(alpha=0.05)),
-                                     ("alp", dict(beta=0.4))])
+@pytest.mark.parametrize(
+    "name, k",
+    [
+        ("kimi", dict(weight=0.7)),
+        ("efficient", dict(alpha=0.3)),
+        ("shorterbetter", dict(a=2.0, b=0.02)),
+        ("grpo-lead", dict(alpha=0.05)),
+        ("alp", dict(beta=0.4)),
+    ],
+)
 def test_group_rewards_against_a_loop(name, k):
     rng = random.Random(0)
     for _ in range(200):

@@ -1,5 +1,6 @@
 """model.py: chunked log-probs vs the naive full softmax, packing vs padding, FSDP2 (world 1 and 2, gloo),
 full state dict, HF checkpoints, micro-batches, and the embedded SmolLM2 model."""
+
 import copy
 import platform
 import random
@@ -22,8 +23,15 @@ N_RESPONSE = sum(len(s) - p for s, p in zip(SEQS, PROMPT_LENS))
 
 def tiny_model(kind: str = "llama", seed: int = 0, attn: str = "sdpa"):
     """A random 2-layer model: llama ties lm_head to the embeddings (like SmolLM2), qwen2 does not."""
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+    )
     if kind == "llama":
         config = LlamaConfig(tie_word_embeddings=True, **common)
     else:
@@ -40,8 +48,8 @@ def naive_logprobs(model, sequences, prompt_lens, temperature=1.0):
     for seq, p in zip(sequences, prompt_lens):
         logits = model(torch.tensor([seq])).logits[0].float() / temperature  # [L, V]
         logp_all = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t + 1
-        logps.append(logp_all.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)[p - 1:])
-        ents.append(-(logp_all.exp() * logp_all).sum(-1)[p - 1:])
+        logps.append(logp_all.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)[p - 1 :])
+        ents.append(-(logp_all.exp() * logp_all).sum(-1)[p - 1 :])
     return torch.cat(logps), torch.cat(ents)
 
 
@@ -69,8 +77,9 @@ def test_chunked_matches_naive(kind, chunk_size):
     model = tiny_model(kind)
     ref_lp, ref_ent = naive_logprobs(model, SEQS, PROMPT_LENS, temperature=0.7)
     for packed in (True, False):
-        lp, ent = M.response_logprobs(model, SEQS, PROMPT_LENS, temperature=0.7, packed=packed,
-                                      with_entropy=True, chunk_size=chunk_size)
+        lp, ent = M.response_logprobs(
+            model, SEQS, PROMPT_LENS, temperature=0.7, packed=packed, with_entropy=True, chunk_size=chunk_size
+        )
         assert lp.shape == ent.shape == (N_RESPONSE,) and lp.dtype == torch.float32
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
@@ -91,8 +100,11 @@ def test_packed_position_ids_are_detected_by_transformers():
     model = tiny_model()
     input_ids, _, position_ids, _, _, gather_index, targets = M._build_inputs(SEQS, PROMPT_LENS, packed=True)
     with torch.no_grad():
-        leaky = model(input_ids=input_ids, position_ids=position_ids,
-                      attention_mask=torch.ones_like(input_ids)).logits[0].log_softmax(-1)
+        leaky = (
+            model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids))
+            .logits[0]
+            .log_softmax(-1)
+        )
         leaky = leaky[gather_index].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         lp, _ = M.response_logprobs(model, SEQS, PROMPT_LENS, packed=True)
     first = len(SEQS[0]) - PROMPT_LENS[0]
@@ -110,8 +122,9 @@ def test_packed_and_padded_give_same_logprobs_and_gradients(kind, attn):
     results = []
     for packed in (True, False):
         model = tiny_model(kind, attn=attn if packed else "sdpa")
-        lp, ent = M.response_logprobs(model, SEQS, PROMPT_LENS, temperature=0.6, packed=packed,
-                                      with_entropy=True, chunk_size=4)
+        lp, ent = M.response_logprobs(
+            model, SEQS, PROMPT_LENS, temperature=0.6, packed=packed, with_entropy=True, chunk_size=4
+        )
         ((lp * weights).sum() + (ent * ent_weights).sum()).backward()
         results.append((lp.detach(), ent.detach(), grads(model)))
     (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
@@ -177,8 +190,23 @@ def test_torch_varlen_call_for_each_torch_api(monkeypatch):
 
     calls = []
 
-    def new_api(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
-                enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    def new_api(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        *,
+        return_aux=None,
+        scale=None,
+        window_size=(-1, -1),
+        enable_gqa=False,
+        seqused_k=None,
+        block_table=None,
+        num_splits=None,
+    ):
         calls.append(("new", window_size, enable_gqa, scale))
         return M._segment_attention(q, k, v, cu_q, scale)
 
@@ -193,12 +221,12 @@ def test_torch_varlen_call_for_each_torch_api(monkeypatch):
     torch.manual_seed(0)
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)
     q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
-    ref = M._segment_attention(q, k, v, cu, 8 ** -0.5)
+    ref = M._segment_attention(q, k, v, cu, 8**-0.5)
     for fake in (new_api, mid_api, old_api):
         monkeypatch.setattr(V, "varlen_attn", fake)
-        torch.testing.assert_close(M._torch_varlen(q, k, v, cu, 7, 8 ** -0.5), ref)
+        torch.testing.assert_close(M._torch_varlen(q, k, v, cu, 7, 8**-0.5), ref)
     # 2.11 and 2.10: the 2 kv heads repeated to the 4 query heads
-    assert calls == [("new", (-1, 0), True, 8 ** -0.5), ("mid", (-1, 0), 4, 8 ** -0.5), ("old", True, 4)]
+    assert calls == [("new", (-1, 0), True, 8**-0.5), ("mid", (-1, 0), 4, 8**-0.5), ("old", True, 4)]
     with pytest.raises(ValueError, match="no scale argument"):
         M._torch_varlen(q, k, v, cu, 7, 0.5)
 
@@ -254,10 +282,12 @@ def check_sharded(model_kind, activation_checkpointing, tmp_path=None, rank=0):
     reference = tiny_model(model_kind)
     sharded = M.shard_model(copy.deepcopy(reference), activation_checkpointing=activation_checkpointing)
     for packed in (True, False):
-        lp, ent = M.response_logprobs(sharded, SEQS, PROMPT_LENS, packed=packed, with_entropy=True,
-                                      chunk_size=3, temperature=0.8)
-        ref_lp, ref_ent = M.response_logprobs(reference, SEQS, PROMPT_LENS, packed=packed,
-                                              with_entropy=True, chunk_size=3, temperature=0.8)
+        lp, ent = M.response_logprobs(
+            sharded, SEQS, PROMPT_LENS, packed=packed, with_entropy=True, chunk_size=3, temperature=0.8
+        )
+        ref_lp, ref_ent = M.response_logprobs(
+            reference, SEQS, PROMPT_LENS, packed=packed, with_entropy=True, chunk_size=3, temperature=0.8
+        )
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
         (lp.sum() + ent.sum()).backward()
@@ -293,8 +323,9 @@ def test_sharded_mixed_precision_bf16_runs(world1):
     lp, _ = M.response_logprobs(sharded, SEQS, PROMPT_LENS, packed=True)
     lp.sum().backward()
     assert lp.dtype == torch.float32
-    torch.testing.assert_close(lp, M.response_logprobs(reference, SEQS, PROMPT_LENS, packed=True)[0],
-                               atol=0.05, rtol=0.05)
+    torch.testing.assert_close(
+        lp, M.response_logprobs(reference, SEQS, PROMPT_LENS, packed=True)[0], atol=0.05, rtol=0.05
+    )
     assert all(t.dtype == torch.float32 for _, t in M.iter_full_state_dict(sharded))  # fp32 master
     assert all(t.dtype == torch.bfloat16 for _, t in M.iter_full_state_dict(sharded, torch.bfloat16))
 
@@ -325,12 +356,15 @@ print(before, after)
 """
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
-                    reason="malloc_trim is glibc's; elsewhere release_cpu_heap is a no-op")
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+    reason="malloc_trim is glibc's; elsewhere release_cpu_heap is a no-op",
+)
 def test_release_cpu_heap_gives_freed_memory_back():
     # In a fresh process, so the allocator's state is known: freed tensors stay resident until the trim.
-    out = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT], capture_output=True, text=True, check=True,
-                         cwd=Path(M.__file__).parent).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _RELEASE_SCRIPT], capture_output=True, text=True, check=True, cwd=Path(M.__file__).parent
+    ).stdout
     before, after = map(float, out.split())
     assert before - after > 300, (before, after)  # MiB
 
@@ -402,8 +436,9 @@ def test_embedded_model_roundtrip(embedded_model_dir, tmp_path):
     """The converted GGUF loads as a tied Llama with its ChatML template; a bf16 save loads back."""
     tokenizer = M.load_tokenizer(embedded_model_dir)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
-                                           tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
     model = M.load_model(embedded_model_dir)
     assert model.lm_head.weight is model.model.embed_tokens.weight

