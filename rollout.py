@@ -242,21 +242,23 @@ class WeightSyncExtension:
     def lcpo_load_weights(self, weights: Weights) -> int:
         """Load (HF name, tensor) pairs into the serving model in place, all in this one call; returns the count.
 
-        vLLM 0.32 (GPU and CPU): `Worker.reload_weights` (vllm/model_executor/model_loader/reload/inplace.py) puts
-        each layer back into checkpoint form, loads its weights and re-runs `process_weights_after_loading`. The CPU
+        On CPU: `Worker.reload_weights` (vLLM 0.32, vllm/model_executor/model_loader/reload/inplace.py) puts each
+        layer back into checkpoint form, loads its weights and re-runs `process_weights_after_loading`. The CPU
         kernels need that: their linear layers compute from oneDNN-packed copies and keep an empty `weight`, so a
         plain `load_weights` fails ("Attempted to load weight (torch.Size([576, 1536])) into parameter
         (torch.Size([0]))"). A layer is re-processed once all of its weights have arrived, so the push must not be
         split over several calls (a layer whose q_proj came in one call and k_proj in the next would be processed
         half loaded): the weights stream through one call, one tensor at a time.
-        vLLM 0.26 (the lent GPU machine's) has no reload_weights; its GPU layers use the loaded weights as they are.
+        On a GPU the layers (bf16, unquantized) compute from the loaded weights as they are, so the model's own
+        `load_weights` does it, as it did on the H100 with vLLM 0.26 (which has reload_weights too, not yet run
+        on a GPU here).
         """
         counted = _Counting(weights)
-        if hasattr(self, "reload_weights"):
+        if self.device.type == "cpu":
             self.reload_weights(weights_iterator=counted)
             _repack_tied_lm_head(self.get_model())
         else:
-            # Worker.get_model() -> model_runner.get_model(), unwrapping CUDA-graph wrappers (0.26.0 gpu_worker.py).
+            # Worker.get_model() -> model_runner.get_model(), unwrapping CUDA-graph wrappers (gpu_worker.py).
             self.get_model().load_weights(weights=counted)
         return counted.n
 

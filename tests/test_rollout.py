@@ -393,6 +393,8 @@ class _FakeVllmModel:
 
 
 class _FakeWorker(WeightSyncExtension):
+    device = torch.device("cuda")  # the GPU path: the model's own load_weights (no CUDA needed to run it)
+
     def __init__(self, model):
         self.model = model
 
