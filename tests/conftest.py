@@ -160,6 +160,12 @@ def tiny_vllm_model_dir(tmp_path_factory, embedded_model_dir):
     )
 
 
+def torchrun(nproc: int) -> list[str]:
+    """The command that launches a script under torchrun with nproc processes on this machine (a free port)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
+
+
 def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     env.update(extra)

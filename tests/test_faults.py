@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, _env, _metrics, _weights, free_port
+from conftest import TINY, _env, _metrics, _weights, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [*TINY, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "0", "--seed", "3"]
@@ -21,21 +21,7 @@ RUN = [*TINY, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "0", "-
 
 def _run(model_dir, out, *extra, nproc=2, fault=None, timeout=300):
     """grpo.py under torchrun in its own session (a fault kills that whole process group, torchrun included)."""
-    launch = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-        ]
-        if nproc > 1
-        else [sys.executable]
-    )
+    launch = torchrun(nproc) if nproc > 1 else [sys.executable]
     env = _env(**({"LCPO_FAULT": fault} if fault else {}))
     return subprocess.run(
         [*launch, str(ROOT / "grpo.py"), *RUN, "--model", model_dir, "--out", str(out), *extra],

@@ -14,25 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, _env, _metrics, _weights, free_port, needs_vllm
+from conftest import TINY, _env, _metrics, _weights, needs_vllm, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(nproc: int, args: list[str], timeout=300):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "grpo.py"),
-        *args,
-    ]
+    cmd = [*torchrun(nproc), str(ROOT / "grpo.py"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
