@@ -1,4 +1,4 @@
-"""Evaluate length control as the L1 paper reports it (reference.md section 4).
+"""Evaluate length control as the L1 paper reports it (arXiv 2503.04697: accuracy and length at token budgets).
 
     python evaluate.py --model smollm2 --data arith ../shared/data/gsm8k/test.jsonl --budgets 512 1024 2048 3600
     torchrun --nproc_per_node 2 evaluate.py ...   # rank r takes problems r::world, rank 0 merges and writes
@@ -23,7 +23,6 @@ import argparse
 import datetime
 import importlib.metadata
 import json
-import math
 import random
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import data
 import model as M
 import rewards
 import rollout
+from grpo import pearson_from_sums
 
 ROOT = Path(__file__).resolve().parent
 BF_CUE = "\n\nFinal Answer: The final answer is \\boxed{"
@@ -80,14 +80,12 @@ class EvalConfig:
 
 # ----------------------------------------------------------------------------------------------- metrics
 def pearson(x: list[float], y: list[float]) -> float | None:
-    """r = sum((x-mx)(y-my)) / sqrt(sum((x-mx)^2) sum((y-my)^2)); None when undefined (n < 2 or constant)."""
-    n = len(x)
-    if n < 2:
+    """Pearson r of two lists, from their sums (grpo.pearson_from_sums, which the training metrics use across
+    ranks); None when undefined (fewer than 2 points, or a constant list)."""
+    if len(x) < 2:
         return None
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+    return pearson_from_sums(len(x), sum(x), sum(y), sum(a * a for a in x), sum(b * b for b in y),
+                             sum(a * b for a, b in zip(x, y)))  # fmt: skip
 
 
 def series_name(rec: dict) -> str:
