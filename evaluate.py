@@ -636,8 +636,8 @@ def main(argv=None) -> dict | None:
         return merge_outputs(cfg, sys.argv[1:] if argv is None else list(argv))
     t0 = time.time()
     own_group = not torch.distributed.is_initialized()
-    info = M.init_distributed()
-    rank, world = info.rank, info.world_size
+    dist_info = M.init_distributed()
+    rank, world = dist_info.rank, dist_info.world_size
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     out = Path(cfg.out or ROOT / "runs" / f"eval-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     shard = {ds: ps[rank::world] for ds, ps in load_datasets(cfg).items()}  # rank r takes problems r::world
@@ -660,9 +660,9 @@ def main(argv=None) -> dict | None:
             engine = rollout.make_engine(
                 cfg.engine,
                 model_dir,
-                info.device,
+                dist_info.device,
                 seed=cfg.seed + rank,  # own stream per rank
-                dtype=torch.bfloat16 if M.use_bf16(info.device, cfg.dtype) else torch.float32,
+                dtype=torch.bfloat16 if M.use_bf16(dist_info.device, cfg.dtype) else torch.float32,
                 hf_batch_size=cfg.hf_batch_size,
                 max_model_len=_max_model_len(tokenizer, shard, cfg, methods),
                 max_num_seqs=max(1, max_seqs),
@@ -691,7 +691,7 @@ def main(argv=None) -> dict | None:
                 r["sample"],
             )
         )
-        env = environment(model_dirs, world, str(info.device), sys.argv[1:] if argv is None else list(argv))
+        env = environment(model_dirs, world, str(dist_info.device), sys.argv[1:] if argv is None else list(argv))
         summary = write_outputs(out, cfg, records, env, time.time() - t0)
         print(format_table(summary, cfg.budgets))
         log(f"wrote {out}/ (results.json, table.md, samples.jsonl, accuracy_vs_tokens.png, length_vs_target.png)")

@@ -225,7 +225,7 @@ def update_policy(
     a rank with fewer pads with an empty one (a forward on a dummy token whose loss is multiplied by 0).
     Returns metrics summed over this rank's tokens.
     """
-    g, world, dev = cfg.grpo, dist_info.world_size, dist_info.device  # collectives need tensors on dev (NCCL)
+    g, world, device = cfg.grpo, dist_info.world_size, dist_info.device  # collectives need tensors there (NCCL)
     stats = {k: 0.0 for k in ("clip_frac", "kl", "entropy", "pg_loss", "tokens", "grad_norm", "tis_mismatch")}
     stats.update(ratio_min=float("inf"), ratio_max=0.0)
     # pi_old is the policy before this batch's first optimizer step. Until that step it is the current policy, so
@@ -235,14 +235,14 @@ def update_policy(
     frozen = episodes[per_mb:] if g.epochs == 1 else episodes
     dummy = Episode([0], [0], 0.0, 0.0, None)
 
-    def micro(eps):  # micro-batches by a per-GPU token budget, the same count on every rank
+    def micro(batch):  # micro-batches by a per-GPU token budget, the same count on every rank
         idx = M.make_microbatches(
-            [len(e.prompt_ids) + len(e.response_ids) for e in eps], cfg.model.tokens_per_microbatch, padded=not packed
+            [len(e.prompt_ids) + len(e.response_ids) for e in batch], cfg.model.tokens_per_microbatch, padded=not packed
         )
-        n = torch.tensor([len(idx)], device=dev)
+        n = torch.tensor([len(idx)], device=device)
         if world > 1:
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        return [[eps[i] for i in b] for b in idx] + [[] for _ in range(int(n) - len(idx))]
+        return [[batch[i] for i in b] for b in idx] + [[] for _ in range(int(n) - len(idx))]
 
     def logprobs(net, mb, grad: bool, entropy=False):  # flat [N] over the response tokens of mb
         mb = mb or [dummy]
@@ -258,10 +258,10 @@ def update_policy(
 
     # Frozen log-probs first: pi_old (for the later mini-batches) and the reference, keyed by episode.
     old, ref = {}, {}
-    for net, eps, store in ((policy if several else None, frozen, old), (ref_policy, episodes, ref)):
+    for net, batch, store in ((policy if several else None, frozen, old), (ref_policy, episodes, ref)):
         if net is None:
             continue
-        for mb in micro(eps):
+        for mb in micro(batch):
             lp, _ = logprobs(net, mb, grad=False)
             if mb:  # (an empty, padding micro-batch only joins the collectives)
                 for e, t in zip(mb, lp.split([len(e.response_ids) for e in mb])):
@@ -272,7 +272,7 @@ def update_policy(
             mbatch = episodes[k * per_mb : (k + 1) * per_mb]
             # Global counts of this mini-batch (all ranks), so every rank's loss has the same normalizer.
             counts = torch.tensor(
-                [len(mbatch), sum(len(e.response_ids) for e in mbatch)], dtype=torch.float64, device=dev
+                [len(mbatch), sum(len(e.response_ids) for e in mbatch)], dtype=torch.float64, device=device
             )
             if world > 1:
                 dist.all_reduce(counts)
@@ -340,21 +340,21 @@ def train(cfg: Config) -> None:
             "directory)"
         )
     resume_from = C.newest(out) if cfg.run.resume else None
-    di = M.init_distributed()
-    torch.manual_seed(cfg.run.seed + di.rank)
-    random.seed(cfg.run.seed + di.rank)
-    is_main = di.rank == 0
+    dist_info = M.init_distributed()
+    torch.manual_seed(cfg.run.seed + dist_info.rank)
+    random.seed(cfg.run.seed + dist_info.rank)
+    is_main = dist_info.rank == 0
     log.info(
         "rank %d: device %s, cores %s, %d torch threads",
-        di.rank,
-        di.device,
+        dist_info.rank,
+        dist_info.device,
         sorted(os.sched_getaffinity(0)),
         torch.get_num_threads(),
     )
 
     # Data, checked before anything is written: bad input stops here, and --out keeps what it had.
     model_dir = M.resolve_model(cfg.model.model) if is_main else None
-    if di.world_size > 1:  # rank 0 converts the embedded model once; the others read its directory
+    if dist_info.world_size > 1:  # rank 0 converts the embedded model once; the others read its directory
         holder = [model_dir]
         dist.broadcast_object_list(holder, src=0)
         model_dir = holder[0]
@@ -379,20 +379,20 @@ def train(cfg: Config) -> None:
     )
     if resume_from is not None:
         saved = C.verify(resume_from)
-        for change in C.check_config(saved["config"], cfg, di.world_size, saved["world_size"]):
+        for change in C.check_config(saved["config"], cfg, dist_info.world_size, saved["world_size"]):
             log.warning("--resume from %s: %s", resume_from, change)
     R.start_grader()  # the grading processes start while the models load
 
     # Model, reference and optimizer. Every rank holds a shard; the engine holds its own full copy.
-    bf16 = M.use_bf16(di.device, cfg.model.dtype)  # bf16 compute over fp32 master weights (model.use_bf16)
+    bf16 = M.use_bf16(dist_info.device, cfg.model.dtype)  # bf16 compute over fp32 master weights (model.use_bf16)
     policy = M.shard_model(
-        M.load_model(model_dir, device=di.device),
+        M.load_model(model_dir, device=dist_info.device),
         mixed_precision=bf16,
         activation_checkpointing=cfg.model.activation_checkpointing,
     )
     ref_policy = None
     if cfg.grpo.kl_coef != 0:  # the frozen reference exists only when the KL term is used
-        ref_policy = M.shard_model(M.load_model(model_dir, device=di.device), mixed_precision=bf16)
+        ref_policy = M.shard_model(M.load_model(model_dir, device=dist_info.device), mixed_precision=bf16)
         ref_policy.requires_grad_(False)
     # Padding-free packing pays off with a varlen kernel; with SDPA a packed row needs a dense mask.
     packed = cfg.model.packed == "on" or (cfg.model.packed == "auto" and M.prefers_packing(policy))
@@ -400,12 +400,12 @@ def train(cfg: Config) -> None:
     engine = rollout.make_engine(
         cfg.model.engine,
         model_dir,
-        device=di.device,
-        seed=cfg.run.seed + di.rank,
+        device=dist_info.device,
+        seed=cfg.run.seed + dist_info.rank,
         dtype=torch.bfloat16 if bf16 else torch.float32,
         hf_batch_size=cfg.model.hf_batch_size,
         max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_new_tokens,
-        max_num_seqs=math.ceil(cfg.grpo.prompts_per_step / di.world_size) * cfg.grpo.group_size,
+        max_num_seqs=math.ceil(cfg.grpo.prompts_per_step / dist_info.world_size) * cfg.grpo.group_size,
         vllm_gpu_memory_utilization=cfg.model.vllm_gpu_memory_utilization,
         vllm_kv_cache_bytes=int(cfg.model.vllm_kv_cache_gib * 2**30) or None,
     )
@@ -413,7 +413,7 @@ def train(cfg: Config) -> None:
 
     start = 0
     if resume_from is not None:
-        start = int(C.load(resume_from, policy, optimizer, stream, history, di)["step"])
+        start = int(C.load(resume_from, policy, optimizer, stream, history, dist_info)["step"])
         log.warning("resumed from %s at step %d", resume_from, start)
         engine.load_weights(M.iter_full_state_dict(policy))
     if is_main:
@@ -433,11 +433,11 @@ def train(cfg: Config) -> None:
         t0 = time.perf_counter()
         # 1. Sample prompts with targets (the whole batch on every rank: same stream), keep this rank's share.
         batch = stream.next_batch(cfg.grpo.prompts_per_step, tokenizer)
-        samples = batch[di.rank :: di.world_size]
+        samples = batch[dist_info.rank :: dist_info.world_size]
         prompt_ids = [_prompt_ids(tokenizer, s.prompt, cfg.data.max_prompt_tokens) for s in samples]
 
         # 2. Generate G responses per prompt.
-        sampling.seed = cfg.run.seed * 1_000_003 + step * 1009 + di.rank
+        sampling.seed = cfg.run.seed * 1_000_003 + step * 1009 + dist_info.rank
         completions = engine.generate(prompt_ids, cfg.grpo.group_size, sampling)  # [P_rank][G]
         engine.sleep()
         fault_point("generate", step)  # (crash tests: kill with the step's responses generated)
@@ -457,8 +457,8 @@ def train(cfg: Config) -> None:
         t2 = time.perf_counter()
 
         # 5. Update the policy.
-        stats = update_policy(policy, ref_policy, optimizer, episodes, cfg, di, packed, step)
-        if di.device.type == "cuda":  # hand the trainer's cached activations back before the engine's KV cache
+        stats = update_policy(policy, ref_policy, optimizer, episodes, cfg, dist_info, packed, step)
+        if dist_info.device.type == "cuda":  # hand the trainer's cached activations back before the engine's KV cache
             torch.cuda.empty_cache()
         else:
             M.release_cpu_heap()
@@ -469,7 +469,7 @@ def train(cfg: Config) -> None:
         engine.load_weights(M.iter_full_state_dict(policy))
         engine.wake_up(["kv_cache"])
         if cfg.reward.reward == "hapo":  # the history takes this step's shortest correct lengths, over all ranks
-            history.update(_merge_min(history.shortest_correct(scores.groups), di))
+            history.update(_merge_min(history.shortest_correct(scores.groups), dist_info))
         t4 = time.perf_counter()
 
         # Log, then checkpoint.
@@ -479,7 +479,7 @@ def train(cfg: Config) -> None:
             completions,
             scores,
             stats,
-            di,
+            dist_info,
             times=dict(generate=t1 - t0, score=t2 - t1, train=t3 - t2, sync=t4 - t3, step=t4 - t0),
         )
         if is_main:
@@ -495,11 +495,11 @@ def train(cfg: Config) -> None:
             pbar.write(_summary(metrics))
         fault_point("metrics", step)  # (crash tests: the step is logged, its checkpoint not written)
 
-        flag = torch.tensor([float(stop["flag"])], device=di.device)
-        if di.world_size > 1:
+        flag = torch.tensor([float(stop["flag"])], device=dist_info.device)
+        if dist_info.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if step % cfg.run.save_every == 0 or step == cfg.run.steps or flag.item():
-            path = C.save(step, policy, tokenizer, optimizer, stream, history, cfg, di)
+            path = C.save(step, policy, tokenizer, optimizer, stream, history, cfg, dist_info)
             if is_main:
                 pbar.write(f"saved {path}")
         if flag.item():
@@ -520,7 +520,7 @@ def step_metrics(step: int, samples, completions, scores: Scores, stats: dict, d
     is the same for any world size; adding a metric is a line in `sums` and a line in the returned dict."""
     lengths = scores.length
     targets = torch.tensor([s.target or 0 for s in samples], dtype=torch.float32)[:, None].expand_as(lengths)
-    dev = (lengths - targets).abs()
+    off = (lengths - targets).abs()  # tokens off the target
     sums = reduce_named(
         {
             "responses": lengths.numel(),
@@ -530,8 +530,8 @@ def step_metrics(step: int, samples, completions, scores: Scores, stats: dict, d
             "length_term": scores.length_term.sum(),
             "correct": scores.correct.sum(),
             "length": lengths.sum(),
-            "abs_dev": dev.sum(),
-            "rel_dev": (dev / targets.clamp(min=1)).sum(),
+            "abs_dev": off.sum(),
+            "rel_dev": (off / targets.clamp(min=1)).sum(),
             "over": (lengths > targets).sum(),
             "repeats": scores.repeats.sum(),
             "truncated": sum(c.finish_reason == "length" for group in completions for c in group),

@@ -31,7 +31,7 @@ def measure(variant: str, args) -> dict:
     torch.set_num_threads(args.threads)
     bf16 = M.use_bf16(torch.device("cpu"), variant)  # the decision grpo.py makes for --dtype
     path = M.resolve_model(args.model)
-    di = M.init_distributed()
+    dist_info = M.init_distributed()
     cfg = grpo.parse_args(["--preset", args.preset, "--dtype", variant])
     policy = M.shard_model(M.load_model(path), mixed_precision=bf16)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
@@ -65,7 +65,7 @@ def measure(variant: str, args) -> dict:
             for c in group
         ]
         t0 = time.perf_counter()
-        grpo.update_policy(policy, None, optimizer, episodes, cfg, di, packed=False)
+        grpo.update_policy(policy, None, optimizer, episodes, cfg, dist_info, packed=False)
         return t_gen, time.perf_counter() - t0, sum(len(e.response_ids) for e in episodes)
 
     for _ in range(args.warmup):

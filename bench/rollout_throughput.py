@@ -69,8 +69,8 @@ def measure(kind: str, args) -> dict:
     import rollout
 
     path, dev = model_dir(args), args.device
-    di = M.init_distributed()
-    bf16 = M.use_bf16(di.device, args.dtype)  # the decision grpo.py makes for --dtype
+    dist_info = M.init_distributed()
+    bf16 = M.use_bf16(dist_info.device, args.dtype)  # the decision grpo.py makes for --dtype
     policy = M.shard_model(
         AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev), mixed_precision=bf16
     )

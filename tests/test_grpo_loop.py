@@ -29,15 +29,15 @@ def _episodes():
     from grpo import Episode
 
     g = torch.Generator().manual_seed(3)
-    eps = []
+    episodes = []
     for i in range(8):
         prompt = torch.randint(5, 200, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
         resp = torch.randint(5, 200, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
-        eps.append(Episode(prompt, resp, 0.0, float(torch.randn(1, generator=g)), None))
-    return eps
+        episodes.append(Episode(prompt, resp, 0.0, float(torch.randn(1, generator=g)), None))
+    return episodes
 
 
-def _update_worker(di, model_dir, out_file):
+def _update_worker(dist_info, model_dir, out_file):
     import model as M
     from grpo import parse_args, update_policy
 
@@ -67,10 +67,10 @@ def _update_worker(di, model_dir, out_file):
     with torch.no_grad():
         for p in ref.parameters():
             p.mul_(0.9)
-    eps = _episodes()[di.rank :: di.world_size]
-    stats = update_policy(policy, ref, opt, eps, cfg, di, packed=False)
+    episodes = _episodes()[dist_info.rank :: dist_info.world_size]
+    stats = update_policy(policy, ref, opt, episodes, cfg, dist_info, packed=False)
     full = {k: v.clone() for k, v in M.iter_full_state_dict(policy)}
-    if di.rank == 0:
+    if dist_info.rank == 0:
         torch.save({"weights": full, "grad_norm": stats["grad_norm"]}, out_file)
 
 
@@ -96,9 +96,9 @@ def test_pi_old_is_frozen_only_for_the_later_minibatches(tiny_model_dir, monkeyp
     import model as M
     from grpo import parse_args, policy_loss, update_policy
 
-    di = M.init_distributed()
+    dist_info = M.init_distributed()
     cfg = parse_args(["--minibatches", "2", "--kl-coef", "0", "--entropy-coef", "0", "--tis-cap", "0"])
-    eps = _episodes()
+    episodes = _episodes()
 
     def fresh():
         torch.manual_seed(0)
@@ -117,9 +117,9 @@ def test_pi_old_is_frozen_only_for_the_later_minibatches(tiny_model_dir, monkeyp
     # The textbook loop: pi_old of the whole batch frozen before the first optimizer step.
     policy, opt = fresh()
     with torch.no_grad():
-        old = lp(policy, eps).split([len(e.response_ids) for e in eps])
+        old = lp(policy, episodes).split([len(e.response_ids) for e in episodes])
     for k in range(2):
-        mb, mb_old = eps[4 * k : 4 * k + 4], torch.cat(old[4 * k : 4 * k + 4])
+        mb, mb_old = episodes[4 * k : 4 * k + 4], torch.cat(old[4 * k : 4 * k + 4])
         lens = torch.tensor([len(e.response_ids) for e in mb])
         opt.zero_grad()
         adv = torch.repeat_interleave(torch.tensor([e.advantage for e in mb]), lens)
@@ -146,7 +146,7 @@ def test_pi_old_is_frozen_only_for_the_later_minibatches(tiny_model_dir, monkeyp
 
     monkeypatch.setattr(M, "response_logprobs", counting)
     policy, opt = fresh()
-    update_policy(policy, None, opt, eps, cfg, di, packed=False)
+    update_policy(policy, None, opt, episodes, cfg, dist_info, packed=False)
     assert sum(n for grad, n in calls if not grad) == 4 and sum(n for grad, n in calls if grad) == 8
     for name, w in M.iter_full_state_dict(policy):
         assert torch.allclose(w, want[name], atol=1e-6, rtol=1e-5), name
@@ -166,7 +166,7 @@ def test_weight_sync_engine_uses_new_weights(tiny_model_dir):
     import rollout
     from grpo import Episode, parse_args, update_policy
 
-    di = M.init_distributed()
+    dist_info = M.init_distributed()
     cfg = parse_args(["--lr", "5e-2", "--minibatches", "1", "--kl-coef", "0", "--entropy-coef", "0"])
     policy = M.shard_model(M.load_model(tiny_model_dir), mixed_precision=False)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr)
@@ -188,7 +188,7 @@ def test_weight_sync_engine_uses_new_weights(tiny_model_dir):
         opt,
         [Episode(prompt[0], ids, 1.0, 1.0, None), Episode(prompt[0], ids[:3], 0.0, -1.0, None)],
         cfg,
-        di,
+        dist_info,
         packed=False,
     )
     stale_engine = torch.tensor(engine.generate(prompt, 1, sampling)[0][0].logprobs)
@@ -367,7 +367,7 @@ def test_every_reward_trains_a_step_on_the_embedded_model(embedded_model_dir):
     from grpo import Episode, compute_rewards, group_advantages, parse_args, update_policy
 
     torch.set_num_threads(2)
-    di = M.init_distributed()
+    dist_info = M.init_distributed()
     tok = M.load_tokenizer(embedded_model_dir)
     policy = M.shard_model(M.load_model(embedded_model_dir), mixed_precision=False)
     optimizer = torch.optim.SGD(policy.parameters(), lr=1e-4)
@@ -403,12 +403,12 @@ def test_every_reward_trains_a_step_on_the_embedded_model(embedded_model_dir):
             scores.length, torch.tensor([[len(c.token_ids) for c in g] for g in completions], dtype=torch.float32)
         )
         adv = group_advantages(scores.reward)
-        eps = [
+        episodes = [
             Episode(p, c.token_ids, scores.reward[i, j].item(), adv[i, j].item(), c.logprobs)
             for i, (p, group) in enumerate(zip(prompts, completions))
             for j, c in enumerate(group)
         ]
-        stats = update_policy(policy, None, optimizer, eps, cfg, di, packed=False)
+        stats = update_policy(policy, None, optimizer, episodes, cfg, dist_info, packed=False)
         assert math.isfinite(stats["grad_norm"]) and stats["tokens"] == scores.length.sum(), name
     after = dict(M.iter_full_state_dict(policy))
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -422,7 +422,7 @@ def test_checkpoint_keeps_the_reward_state(tiny_model_dir, tmp_path):
     import rewards as R
     from grpo import parse_args
 
-    di = M.init_distributed()
+    dist_info = M.init_distributed()
     cfg = parse_args([*TINY, "--model", tiny_model_dir, "--reward", "hapo", "--out", str(tmp_path)])
     policy = M.shard_model(M.load_model(tiny_model_dir), mixed_precision=False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
@@ -430,9 +430,9 @@ def test_checkpoint_keeps_the_reward_state(tiny_model_dir, tmp_path):
     stream.next_batch(6)
     history = R.HapoHistory()
     history.update({"arith:1:train:0:3": 17, "arith:1:train:0:9": 4})
-    path = C.save(3, policy, M.load_tokenizer(tiny_model_dir), optimizer, stream, history, cfg, di)
+    path = C.save(3, policy, M.load_tokenizer(tiny_model_dir), optimizer, stream, history, cfg, dist_info)
     stream2, history2 = D.PromptStream(D.load_problems("arith", limit=20), seed=5), R.HapoHistory()
-    state = C.load(path, policy, optimizer, stream2, history2, di)
+    state = C.load(path, policy, optimizer, stream2, history2, dist_info)
     assert state["step"] == 3 and history2.h == history.h
     assert [s.prompt for s in stream2.next_batch(4)] == [s.prompt for s in stream.next_batch(4)]
 
@@ -482,7 +482,7 @@ def test_vllm_kv_cache_too_small_names_the_flags(tiny_vllm_model_dir, tmp_path):
             "--loss-agg",
             "seq-mean-token-mean",
             "--drop-equal-groups",
-            "--eps-high",
+            "--episodes-high",
             "0.28",
             "--no-std-normalize",
             "--tis-cap",

