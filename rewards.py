@@ -7,8 +7,8 @@ thinking and the answer, EOS included; a response cut at the limit counts as the
 prompt ("Think for T tokens."), L the response limit (--max-new-tokens).
 
 | name          | r_i                                                                  | source                   |
-| lcpo-exact    | c - alpha * |T - n|                                                  | L1, 2503.04697 eq. 1     |
-| lcpo-max      | c * clip(alpha * (T - n) + delta, 0, 1)                              | L1, eq. 2                |
+| lcpo-exact    | c - alpha * |T - n|                                                  | L1, 2503.04697           |
+| lcpo-max      | c * clip(alpha * (T - n) + delta, 0, 1)                              | L1, 2503.04697           |
 | lcpo          | lcpo-exact or lcpo-max, as the prompt's sentence says               | L1 (the L1-Max recipe)   |
 | correctness   | c                                                                    | plain GRPO               |
 | dapo          | (2c - 1) + soft overlong punishment over the last L_c tokens         | DAPO, 2503.14476 eq. 13  |
@@ -113,13 +113,13 @@ def correctness_reward(correct: bool) -> float:
 
 
 def lcpo_exact_reward(correct: bool, n_y: int, n_gold: int, alpha: float = 0.0003) -> float:
-    """LCPO-Exact (L1, arXiv 2503.04697, eq. 1): r = 1[correct] - alpha * |n_gold - n_y|, unclipped (can go below
+    """LCPO-Exact (L1, arXiv 2503.04697): r = 1[correct] - alpha * |n_gold - n_y|, unclipped (can go below
     -1). alpha = 0.0003 is the paper's text; the original code used 1/3000 (~0.000333)."""
     return correctness_reward(correct) - alpha * abs(n_gold - n_y)
 
 
 def lcpo_max_reward(correct: bool, n_y: int, n_gold: int, alpha: float = 0.001, delta: float = 0.5) -> float:
-    """LCPO-Max (L1 eq. 2): r = 1[correct] * clip(alpha * (n_gold - n_y) + delta, 0, 1).
+    """LCPO-Max (L1, arXiv 2503.04697): r = 1[correct] * clip(alpha * (n_gold - n_y) + delta, 0, 1).
 
     The paper's text says alpha = 0.0003; the original code effectively used 0.001 (1.0 when 500+ tokens
     under budget, 0.5 at the budget, 0 when 500+ over), which is our default."""
