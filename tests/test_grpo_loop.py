@@ -482,7 +482,7 @@ def test_vllm_kv_cache_too_small_names_the_flags(tiny_vllm_model_dir, tmp_path):
             "--loss-agg",
             "seq-mean-token-mean",
             "--drop-equal-groups",
-            "--episodes-high",
+            "--eps-high",
             "0.28",
             "--no-std-normalize",
             "--tis-cap",

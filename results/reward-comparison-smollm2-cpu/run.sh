@@ -31,6 +31,7 @@ eval $RUN evaluate.py --model smollm2 $(ckpt lcpo-exact) --labels base lcpo-exac
 eval $RUN evaluate.py --model smollm2 $(ckpt lcpo-max) --labels base lcpo-max $EVAL --target max \
   --max-new-tokens 256 --out $OUT/eval-max > $OUT/eval-max.log 2>&1
 NONE="correctness dapo laser thinkprune cosine kimi efficient shorterbetter grpo-lead alp hapo"
+# With no target in the prompt the budget changes nothing but the measure: one budget, twice the samples.
 eval $RUN evaluate.py --model smollm2 $(for r in $NONE; do ckpt $r; done) --labels base $NONE $EVAL --target none \
-  --max-new-tokens 256 --out $OUT/eval-none > $OUT/eval-none.log 2>&1
+  --budgets 128 --samples 8 --max-new-tokens 256 --out $OUT/eval-none > $OUT/eval-none.log 2>&1
 .venv/bin/python results/reward-comparison-smollm2-cpu/summarize.py $OUT --steps $STEPS
