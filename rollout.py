@@ -430,6 +430,11 @@ class VLLMEngine(Engine):
                 need = kv_cache_size(config, dtype, max_num_seqs or 1, max_model_len)
                 kv_cache_bytes = min(need, _available_memory() // (4 * local_ranks))
             enforce_eager = True if enforce_eager is None else enforce_eager
+            # No chunked prefill: when vLLM splits a prompt's prefill over two steps it rewinds that request's seeded
+            # generator by an offset (gpu_model_runner.py _bookkeeping_sync), which only a CUDA generator has; on
+            # CPU a batch of prompts over the 4096-token step budget then fails with "CPU Generator does not use
+            # offset". Whole prompts need a step budget of at least max_model_len.
+            kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
         else:
             kw["gpu_memory_utilization"] = gpu_memory_utilization
         one_seq = kv_cache_size(config, dtype, 1, max_model_len, CPU_BLOCK_SIZE if on_cpu else GPU_BLOCK_SIZE)

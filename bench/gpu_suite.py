@@ -300,27 +300,28 @@ def inject_fault(parts: list[Part], spec: str) -> None:
                 s.timeout = 3.0 if kind == "timeout" else None
 
 
-def make_toy_model(path: str) -> None:
-    """A tiny random Llama with SmolLM2's tokenizer (as tests/conftest.py's tiny_model_dir): the toy loop's model."""
+TOY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+
+
+def make_toy_model(path: str, tokenizer_dir: str | None = None, **shape) -> None:
+    """A tiny random Llama (2 layers, seeded) with SmolLM2's tokenizer: the toy loop's model, and the tests' tiny
+    models (tests/conftest.py)."""
     sys.path.insert(0, str(ROOT))
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     import model as M
 
-    tok = AutoTokenizer.from_pretrained(M.resolve_model(M.EMBEDDED_MODEL))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or M.resolve_model(M.EMBEDDED_MODEL))
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_hidden_layers=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
+        **(shape or TOY_SHAPE),
     )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)

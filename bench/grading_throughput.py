@@ -10,6 +10,11 @@ Corpora (seeded, the same in both variants):
   real         --responses model outputs (`response`, `gold`) sampled from results/*/eval*/samples*.jsonl*, graded
                as the CPU presets train (last-number fallback on): small-model arithmetic, so every wrong
                number goes to the symbolic path
+  real-math500 --responses of SmolLM2-135M-Instruct's own answers to MATH500 problems (bench/data/, made by
+               `python evaluate.py --model smollm2 --data ../shared/data/math/math500.json --limit 128
+               --samples 2 --budgets 256 --target none --max-new-tokens 384 --engine vllm --seed 0`), graded with
+               the last-number fallback too: what a model writes at MATH level, where a wrong answer is LaTeX
+               that math-verify parses
   math500      ../shared/data/math/math500.json gold answers (skipped if absent): half rewritten in an
                equivalent form the cheap path does not match (`12` -> `11 + 1`, `\\frac{3}{4}` -> `3 \\div 4`,
                `\\sqrt{3}` -> `(3)^{\\frac{1}{2}}`, `x` -> `2 \\cdot \\frac{x}{2}`), half another problem's gold
@@ -51,10 +56,10 @@ def _boxed(answer: str) -> str:
     return f"Let's see. The final answer is $\\boxed{{{answer}}}$."
 
 
-def real_corpus(n: int, seed: int) -> list[tuple[str, str]]:
-    """SmolLM2's responses from the evaluations kept in results/ (samples.jsonl, gzipped where kept whole)."""
+def real_corpus(n: int, seed: int, pattern: str = "results/*/eval*/samples*.jsonl*") -> list[tuple[str, str]]:
+    """Model responses from evaluate.py's samples.jsonl files (gzipped where kept whole) under the repo root."""
     rows = []
-    for path in sorted(glob.glob(str(common.ROOT / "results/*/eval*/samples*.jsonl*"))):
+    for path in sorted(glob.glob(str(common.ROOT / pattern))):
         with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
             rows += [(r["response"], str(r["gold"])) for r in map(json.loads, f)]
     return random.Random(seed).sample(rows, min(n, len(rows)))
@@ -234,6 +239,7 @@ def measure(args) -> dict:
         marker = Path(tmp) / "pwned"
         corpora = {
             "real": (real_corpus(args.responses, args.seed), True),
+            "real-math500": (real_corpus(args.responses, args.seed, "bench/data/smollm2-math500-*.jsonl.gz"), True),
             "math500": (math500_corpus(args.responses, args.seed), False),
             "adversarial": (adversarial_corpus(args.adversarial, args.seed, marker), False),
         }
@@ -261,7 +267,7 @@ def main():
     args = p.parse_args()
     res = measure(args)
     rows = []
-    for name in ("real", "math500", "adversarial"):
+    for name in ("real", "real-math500", "math500", "adversarial"):
         serial = res["serial"].get("corpora", {}).get(name, {})
         for v, r in res.items():
             c = r.get("corpora", {}).get(name, {})

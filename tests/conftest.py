@@ -53,7 +53,6 @@ def _gloo_worker(rank, nprocs, port, fn, args):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    import torch
     import torch.distributed as dist
 
     import model
@@ -113,37 +112,17 @@ TINY = [
 
 
 def _tiny_llama(tmp_path_factory, embedded_model_dir, name, **shape):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_suite import make_toy_model  # the one tiny-Llama maker (the GPU suite's toy loop uses it too)
 
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        num_hidden_layers=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        **shape,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp(name) / "model"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    make_toy_model(str(path), embedded_model_dir, **shape)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_model_dir):
-    return _tiny_llama(
-        tmp_path_factory,
-        embedded_model_dir,
-        "tiny",
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    return _tiny_llama(tmp_path_factory, embedded_model_dir, "tiny")  # gpu_suite.TOY_SHAPE: hidden 32, 4 heads
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import rewards
 from conftest import HAS_VLLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,13 +76,13 @@ def test_logprob_memory_chunked_below_naive(tmp_path):
     assert abs(rows["chunk-32"]["logp_mean"] - rows["naive"]["logp_mean"]) < 1e-4  # same numbers
 
 
-def test_rollout_throughput(embedded_model_dir, tmp_path):
+def test_rollout_throughput(tiny_vllm_model_dir, tmp_path):
     engines = "hf,vllm" if HAS_VLLM else "hf"
     res = run_bench(
         "rollout_throughput",
         [
             "--model",
-            embedded_model_dir,
+            tiny_vllm_model_dir,
             "--engines",
             engines,
             "--num-prompts",
@@ -103,12 +104,12 @@ def test_rollout_throughput(embedded_model_dir, tmp_path):
         assert r["gen_tokens"] == [2 * 4]  # EOS ignored: every engine generates the same token count
 
 
-def test_cpu_dtype_both_variants(embedded_model_dir, tmp_path):
+def test_cpu_dtype_both_variants(tiny_model_dir, tmp_path):
     res = run_bench(
         "cpu_dtype",
         [
             "--model",
-            embedded_model_dir,
+            tiny_model_dir,
             "--num-prompts",
             "1",
             "--samples",
@@ -127,6 +128,20 @@ def test_cpu_dtype_both_variants(embedded_model_dir, tmp_path):
     for r in rows.values():
         assert r.get("error") is None and r["update_s"] > 0, r
         assert r["response_tokens"] == 2 * 4  # EOS masked: both variants generate the same token count
+
+
+def test_grading_throughput_serial_and_pool(tmp_path):
+    res = run_bench("grading_throughput", ["--responses", "8", "--adversarial", "8", "--procs", "2"], tmp_path)
+    for v, procs in (("serial", 1), ("pool", 2)):
+        r = res["results"][v]
+        assert r["procs"] == procs and r["payload_ran"] is False, r
+        for name in ("real", "real-math500", "adversarial"):
+            c = r["corpora"][name]
+            assert c["items"] == 8 and c["max_s"] < rewards.ITEM_TIMEOUT + 0.5 and c["left_per_pass"] == 0, (v, c)
+    assert (
+        res["results"]["serial"]["corpora"]["real"]["right_per_pass"]
+        == (res["results"]["pool"]["corpora"]["real"]["right_per_pass"])
+    )  # the same grades either way
 
 
 if __name__ == "__main__":

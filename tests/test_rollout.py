@@ -488,7 +488,7 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
     on_cpu = dev.type == "cpu"
     dtype = torch.float32 if on_cpu else torch.bfloat16
     eng = VLLMEngine(
-        model_dir, device=dev, dtype=dtype, max_model_len=512, max_num_seqs=8, seed=0, gpu_memory_utilization=0.3
+        model_dir, device=dev, dtype=dtype, max_model_len=512, max_num_seqs=16, seed=0, gpu_memory_utilization=0.3
     )
     tok = AutoTokenizer.from_pretrained(model_dir)
     policy = M.shard_model(M.load_model(model_dir, device=dev), mixed_precision=not on_cpu)  # the trainer's
@@ -506,6 +506,12 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
     for c in (c for g in sampled for c in g):
         assert len(c.logprobs) == len(c.token_ids) and (c.finish_reason == "stop") == (c.token_ids[-1] in eos)
     assert eng.generate(prompts, 4, sampling)[0][0].token_ids != sampled[0][0].token_ids  # same seed: fresh samples
+    # More prompt tokens than one engine step takes (12 x 400 against the CPU default of 4096), each request seeded:
+    # vLLM must not split a prefill (on CPU its seeded generator cannot rewind; rollout.VLLMEngine turns chunking off).
+    g = torch.Generator().manual_seed(0)
+    long_prompts = [torch.randint(100, 20000, (400,), generator=g).tolist() for _ in range(12)]
+    long_out = eng.generate(long_prompts, 1, SamplingConfig(temperature=0.6, max_new_tokens=2, seed=3, ignore_eos=True))
+    assert [len(grp) for grp in long_out] == [1] * 12 and all(len(grp[0].token_ids) == 2 for grp in long_out)
     flat = [(p, c) for p, g in zip(prompts, sampled) for c in g]
     with torch.no_grad():
         trainer, _ = M.response_logprobs(
