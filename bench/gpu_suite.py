@@ -73,7 +73,7 @@ UPDATE_GPU = [
     ("mb32k", ["--tokens-per-microbatch", "32768", "--variants", "packed"]),
     ("mb32k-ac", ["--tokens-per-microbatch", "32768", "--activation-checkpointing", "--variants", "packed"]),
 ]
-UPDATE_TOY = [("mb256", ["--tokens-per-microbatch", "256", "--variants", "packed,padded-sorted"])]
+UPDATE_TOY = [("mb256", ["--tokens-per-microbatch", "256", "--variants", "packed,padded,padded-sorted"])]
 LOGPROB_GPU = [("T8192", ["--tokens", "8192"]), ("T32768", ["--tokens", "32768", "--chunk-sizes", "512"])]
 LOGPROB_TOY = [("T256", ["--tokens", "256", "--vocab", "4096", "--hidden", "32", "--chunk-sizes", "64"])]
 # grpo.py at toy size: the CPU LCPO preset on a tiny random Llama, 2 prompts x 2 responses of <= 8 tokens.

@@ -1,5 +1,6 @@
 """bench/: each script runs end to end at a tiny size and writes its JSON (a smoke test that keeps the benchmarks
-working as model.py changes; their numbers live in bench/README.md, not here)."""
+working as model.py changes; their numbers live in bench/README.md, not here). update_throughput.py runs in
+tests/test_gpu_suite.py, inside the toy suite."""
 
 import json
 import os
@@ -41,28 +42,6 @@ def run_bench(script: str, args: list[str], tmp_path: Path) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "|" in proc.stdout  # the markdown table
     return json.loads(out.read_text())
-
-
-def test_update_throughput_packed_and_padded(tmp_path):
-    res = run_bench(
-        "update_throughput",
-        [
-            "--num-seqs",
-            "4",
-            "--len-scale",
-            "0.02",
-            "--tokens-per-microbatch",
-            "256",
-            "--variants",
-            "packed,padded,padded-sorted",
-        ],
-        tmp_path,
-    )
-    rows = res["results"]
-    assert set(rows) == {"packed", "padded", "padded-sorted"}
-    for r in rows.values():
-        assert r.get("error") is None and r["tokens_per_s"] > 0, r
-    assert rows["packed"]["padding_waste"] == 0 and rows["padded"]["computed_tokens"] >= rows["packed"]["tokens"]
 
 
 def test_logprob_memory_chunked_below_naive(tmp_path):

@@ -4,6 +4,7 @@ settings. The kill points are deterministic (checkpoint.fault_point, LCPO_FAULT=
 by luck; a tiny random Llama with SmolLM2's tokenizer keeps each run to seconds."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint as C
 from conftest import TINY, _env, _metrics, _weights, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,14 +113,15 @@ def test_what_a_killed_run_leaves_behind(straight, tiny_model_dir, tmp_path):
         "was written (truncated or overwritten)" in r.stderr
     )
     shutil.copy(straight / "checkpoints" / "step_000004" / "model" / "model.safetensors", model)
+    assert {p: p.read_bytes() for p in before} == before  # the failed resume touched nothing
+    # the other damage, through the check grpo.py --resume runs before it loads anything (checkpoint.verify)
     shard = next((ckpts / "step_000004" / "optim").glob("*.distcp"))
     shard.write_bytes(b"")
-    r = _run(tiny_model_dir, out, "--resume", nproc=1)
-    assert r.returncode != 0 and f"{shard} has 0 bytes" in r.stderr
+    with pytest.raises(RuntimeError, match=f"{re.escape(str(shard))} has 0 bytes"):
+        C.verify(ckpts / "step_000004")
     (ckpts / "step_000004" / "state.json").write_text('{"step": 4, "stream"')
-    r = _run(tiny_model_dir, out, "--resume", nproc=1)
-    assert r.returncode != 0 and f"{ckpts / 'step_000004' / 'state.json'} cannot be read" in r.stderr
-    assert {p: p.read_bytes() for p in before} == before  # the failed resumes touched nothing
+    with pytest.raises(RuntimeError, match=re.escape(f"{ckpts / 'step_000004' / 'state.json'} cannot be read")):
+        C.verify(ckpts / "step_000004")
 
     # bad data on resume: an error naming the file and line, and nothing written either
     bad = tmp_path / "bad.jsonl"

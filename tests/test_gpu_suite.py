@@ -76,6 +76,9 @@ def test_toy_suite_runs_every_part_and_a_hung_part_does_not_stop_the_next(tmp_pa
 
     results = json.loads((out / "results.json").read_text())
     assert {"update/mb256", "loop/resume"} <= set(results) and "logprob/T256" not in results
+    rows = results["update/mb256"]["results"]  # bench/update_throughput.py end to end (its smoke test)
+    assert set(rows) == {"packed", "padded", "padded-sorted"} and all(r.get("error") is None for r in rows.values())
+    assert rows["packed"]["padding_waste"] == 0 and rows["padded"]["computed_tokens"] >= rows["packed"]["tokens"]
     assert "===== loop/resume: ok" in (out / "logs.txt").read_text()
 
 

@@ -369,7 +369,8 @@ def test_every_reward_trains_a_step_on_the_embedded_model(embedded_model_dir):
     torch.set_num_threads(2)
     dist_info = M.init_distributed()
     tok = M.load_tokenizer(embedded_model_dir)
-    policy = M.shard_model(M.load_model(embedded_model_dir), mixed_precision=False)
+    bf16 = M.use_bf16(torch.device("cpu"), "auto")  # as grpo.py --dtype auto decides on this CPU
+    policy = M.shard_model(M.load_model(embedded_model_dir), mixed_precision=bf16)
     optimizer = torch.optim.SGD(policy.parameters(), lr=1e-4)
     engine = rollout.HFEngine(embedded_model_dir, batch_size=8)
     common = [
