@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # gpu_suite.make_toy_model, the one tiny-Llama maker
 SHARED = Path(os.environ.get("LCPO_SHARED", ROOT.parent / "shared"))
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # The vLLM tests skip only where vllm is not installed; CI (.ci/run) sets LCPO_REQUIRE_VLLM=1, and there they run.
@@ -112,8 +113,7 @@ TINY = [
 
 
 def _tiny_llama(tmp_path_factory, embedded_model_dir, name, **shape):
-    sys.path.insert(0, str(ROOT / "bench"))
-    from gpu_suite import make_toy_model  # the one tiny-Llama maker (the GPU suite's toy loop uses it too)
+    from gpu_suite import make_toy_model  # imported here: the GPU suite's driver is not needed by most tests
 
     path = tmp_path_factory.mktemp(name) / "model"
     make_toy_model(str(path), embedded_model_dir, **shape)

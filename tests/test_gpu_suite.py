@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gpu_suite as S  # bench/ is on sys.path (conftest.py)
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_suite as S  # noqa: E402
 
 
 def suite(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
