@@ -322,6 +322,8 @@ def shard_model(
     param_dtype=None,
     reduce_dtype=torch.float32,
     activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+    reshard_after_forward: bool = True,
 ) -> nn.Module:
     """FSDP2 (torchtitan style): `fully_shard` each decoder block, then the root (embeddings, final norm,
     lm_head: tied weights stay in one group). In place; returns the model.
@@ -333,6 +335,11 @@ def shard_model(
     of the mini-batch's, and their sum is the whole. A sum, forced as such, runs on gloo (no PREMUL_SUM) and NCCL.
     Activation checkpointing wraps each block *before* sharding so FSDP sees the wrapper (recompute then
     happens inside the block's unsharded window).
+    compile_blocks: torch.compile each decoder block, after the checkpoint wrapper and before sharding
+    (torchtitan's order), so FSDP's hooks stay outside the compiled graph; the blocks share one code object, so
+    one compile serves them all. reshard_after_forward=False keeps each block's gathered parameters from the
+    forward to the backward: no second all-gather, at the memory of a whole unsharded model.
+    bench/update_throughput.py measures both; the trainer uses the defaults.
     """
     if not dist.is_initialized():
         raise RuntimeError("shard_model needs a process group: call model.init_distributed() first")
@@ -349,8 +356,10 @@ def shard_model(
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
             layer = checkpoint_wrapper(layer)
-            layers[i] = layer
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        if compile_blocks:
+            layer = torch.compile(layer)
+        layers[i] = layer
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     for module in [*layers, model]:
         module.set_gradient_divide_factor(1.0)

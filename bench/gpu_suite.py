@@ -8,6 +8,8 @@ Parts, in this order (bench/GPU.md has the device calls around it and the time e
   logprob   bench/logprob_memory.py at T = 8192 and 32768
   rollout   bench/rollout_throughput.py: vLLM serving a random Qwen2-1.5B-shaped model, and the weight-sync time
   loop      grpo.py --preset smollm2-lcpo-gpu with vLLM: 3 steps (checkpoints at 2 and 3), then one --resume step
+  tuning    update_throughput.py again, packed 32k with one change each (TUNING_GPU): a larger log-prob chunk,
+            compiled decoder blocks, the AdamW step foreach vs fused, no reshard after forward
 Each part is a list of commands, each run as its own process group and killed (the whole group) at the part's
 deadline; a failure or a timeout in one part does not stop the next. The deadlines come from LIMITS, scaled to
 --budget; time a part leaves unused passes to the parts after it. After every part the four files below are
@@ -45,13 +47,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-PARTS = ("tests", "update", "logprob", "rollout", "loop")
+PARTS = ("tests", "update", "logprob", "rollout", "loop", "tuning")
 # Seconds per part (scaled down when they add up to more than --budget). GPU: estimates from the H100 runs in
 # bench/README.md and results/lcpo-smollm2-h100/, bench/GPU.md gives the basis of each. 500 s leaves room for
 # .device/setup.sh in the same device command (at most 600 s).
 LIMITS = {
-    "gpu": dict(tests=85, update=130, logprob=30, rollout=95, loop=160),
-    "toy": dict(tests=60, update=90, logprob=60, rollout=60, loop=150),
+    "gpu": dict(tests=80, update=125, logprob=25, rollout=90, loop=155, tuning=25),
+    "toy": dict(tests=60, update=90, logprob=60, rollout=60, loop=150, tuning=90),
 }
 BUDGET = {"gpu": 500, "toy": 420}
 LOG_TAIL = 200  # lines of each command's output kept in logs.txt
@@ -65,15 +67,33 @@ GPU_TESTS = [
 ]
 TOY_TESTS = ["tests/test_model.py", "-k", "torch_varlen"]  # the CPU checks of the varlen path; the GPU ones skip
 
-# update_throughput.py settings, side by side in one call: (step name, flags). Micro-batch size and activation
-# checkpointing are the knobs that exist today; more (a compiled decoder block, a fused optimizer step, the
-# log-prob chunk) need flags of update_throughput.py first (bench/GPU.md, "Extending").
+# update_throughput.py settings, side by side in one call: (step name, flags). The update part has the trainer's
+# settings (micro-batch size, activation checkpointing); the tuning part, last so that it runs on the time the
+# others leave, tries what torchtitan and verl do on top of packed 32k (the mb32k line), most promising first.
 UPDATE_GPU = [
     ("mb16k", ["--tokens-per-microbatch", "16384", "--variants", "packed,padded,padded-sorted"]),
     ("mb32k", ["--tokens-per-microbatch", "32768", "--variants", "packed"]),
     ("mb32k-ac", ["--tokens-per-microbatch", "32768", "--activation-checkpointing", "--variants", "packed"]),
 ]
 UPDATE_TOY = [("mb256", ["--tokens-per-microbatch", "256", "--variants", "packed,padded,padded-sorted"])]
+TUNING_GPU = [
+    (name, ["--tokens-per-microbatch", "32768", "--variants", "packed", *flags])
+    for name, flags in [
+        ("mb32k-chunk4k", ["--logprob-chunk-size", "4096"]),  # fewer, larger lm_head matmuls, less recompute
+        ("mb32k-compile", ["--compile-blocks"]),  # fused norms, rotary and SwiGLU per block
+        ("mb32k-adamw-foreach", ["--optimizer-step", "foreach"]),  # the trainer's AdamW (foreach on CUDA) ...
+        ("mb32k-adamw-fused", ["--optimizer-step", "fused"]),  # ... against the fused kernel
+        ("mb32k-noreshard", ["--no-reshard-after-forward"]),  # no second all-gather in the backward
+    ]
+]
+# toy: every tuning flag at once, so each is known to run before a GPU is there
+TUNING_TOY = [
+    (
+        "all",
+        ["--tokens-per-microbatch", "256", "--variants", "packed", "--compile-blocks", "--optimizer-step", "fused"]
+        + ["--logprob-chunk-size", "64", "--no-reshard-after-forward"],
+    )
+]
 LOGPROB_GPU = [("T8192", ["--tokens", "8192"]), ("T32768", ["--tokens", "32768", "--chunk-sizes", "512"])]
 LOGPROB_TOY = [("T256", ["--tokens", "256", "--vocab", "4096", "--hidden", "32", "--chunk-sizes", "64"])]
 # grpo.py at toy size: the CPU LCPO preset on a tiny random Llama, 2 prompts x 2 responses of <= 8 tokens.
@@ -234,6 +254,11 @@ def plan(toy: bool, info: dict, work: Path) -> list[Part]:
         for n, f in (UPDATE_TOY if toy else UPDATE_GPU)
     ]
 
+    tuning = [
+        bench("update_throughput.py", "tuning", n, upd + f, work, why["gpu"])
+        for n, f in (TUNING_TOY if toy else TUNING_GPU)
+    ]
+
     lp = dev + ["--warmup", "0" if toy else "1", "--iters", "1" if toy else "3", "--variant-timeout", "40"]
     logprob = [
         bench("logprob_memory.py", "logprob", n, lp + f, work, why["gpu"])
@@ -286,6 +311,7 @@ def plan(toy: bool, info: dict, work: Path) -> list[Part]:
         Part("logprob", logprob),
         Part("rollout", rollout),
         Part("loop", loop),
+        Part("tuning", tuning),
     ]
 
 
@@ -456,6 +482,7 @@ def sum_update(steps, toy):
                     "peak_bytes",
                     "microbatches",
                     "padding_waste",
+                    "optimizer_s",
                     "attn",
                     "error",
                 )
@@ -547,7 +574,9 @@ def sum_loop(steps, toy):
     return numbers, text, problems
 
 
-SUMMARIZERS = dict(tests=sum_tests, update=sum_update, logprob=sum_logprob, rollout=sum_rollout, loop=sum_loop)
+SUMMARIZERS = dict(
+    tests=sum_tests, update=sum_update, logprob=sum_logprob, rollout=sum_rollout, loop=sum_loop, tuning=sum_update
+)
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -585,20 +614,22 @@ def markdown(head: dict, results: list[dict]) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {r['part']} | {r['status']} | {r['seconds']} | {r.get('text', '')} |" for r in results]
-    upd = next((r for r in results if r["part"] == "update" and r.get("numbers")), None)
-    if upd:
+    tables = [r.get("numbers") or {} for r in results if r["part"] in ("update", "tuning")]
+    settings = [(s, rows) for t in tables for s, rows in t.items()]
+    if settings:  # the update and tuning parts' settings in one table (MFU counts an optimizer step's time too)
         lines += [
             "",
-            "| setting | variant | tokens/s | vs padded | vs padded-sorted | MFU | peak GiB | error |",
-            "|---|---|---|---|---|---|---|---|",
+            "| setting | variant | tokens/s | vs padded | vs padded-sorted | MFU | optimizer s | peak GiB | error |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for setting, rows in upd["numbers"].items():
+        for setting, rows in settings:
             for v, x in rows.items():
                 cells = [
                     _fmt(x.get("tokens_per_s"), ",.0f"),
                     _fmt(x.get("vs_padded"), ".2f"),
                     _fmt(x.get("vs_padded-sorted"), ".2f"),
                     _fmt(x.get("mfu"), ".1%"),
+                    _fmt(x.get("optimizer_s"), ".3f"),
                     _fmt(x["peak_bytes"] / 2**30 if x.get("peak_bytes") else None, ".1f"),
                     x.get("error") or "-",
                 ]

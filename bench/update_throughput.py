@@ -1,9 +1,9 @@
 """Policy-update throughput: tokens/s and MFU of forward + backward of the GRPO loss, packed vs padded.
 
 One timed iteration = the whole batch (--num-seqs sequences) through every micro-batch:
-model.response_logprobs (FSDP2-sharded policy, world-1 process group) -> grpo.policy_loss -> backward.
-No optimizer step. Lengths follow the paper: prompts U[100, 300], responses U[100, 4000] tokens, times
---len-scale. Variants:
+model.response_logprobs (FSDP2-sharded policy, world-1 process group) -> grpo.policy_loss -> backward
+(-> with --optimizer-step, grpo.py's clip_grad_norm_ and AdamW step). Lengths follow the paper: prompts
+U[100, 300], responses U[100, 4000] tokens, times --len-scale. Variants:
   packed         make_microbatches groups (token budget), one packed row each (what the trainer does)
   padded         the same groups, right-padded [B, Lmax] (the trainer with --packed off)
   padded-sorted  sorted by length, consecutive groups with B * Lmax <= budget (how much of packing's gain is
@@ -14,6 +14,11 @@ No optimizer step. Lengths follow the paper: prompts U[100, 300], responses U[10
 else torch_varlen (PyTorch's own varlen flash kernel, model.varlen_attention_forward); sdpa on CPU.
 MFU = sum_i len_i * model.model_flops_per_token(config, len_i) / time / peak, real tokens only
 (model_flops_per_token already counts forward + backward: 6N + 12 * layers * d_attn * seq_len).
+Settings beyond the trainer's defaults, to try side by side (bench/gpu_suite.py's tuning part):
+  --compile-blocks             torch.compile each decoder block (model.shard_model; torchtitan's per-block compile)
+  --optimizer-step foreach|fused   the AdamW step in the iteration; its own time is optimizer_s
+  --logprob-chunk-size N       response_logprobs' lm_head chunk (the trainer's is 512)
+  --no-reshard-after-forward   FSDP2 keeps each block's gathered parameters for the backward
 
   python bench/update_throughput.py --device cpu --config tiny --len-scale 0.05
   python bench/update_throughput.py --device cuda          # Qwen2-1.5B shape, random weights, bf16
@@ -83,7 +88,12 @@ def measure(variant: str, args) -> dict:
         net = AutoModelForCausalLM.from_config(
             Qwen2Config(**CONFIGS[args.config]), attn_implementation=attn, dtype=torch.float32
         )
-    M.shard_model(net, activation_checkpointing=args.activation_checkpointing)  # bf16 compute iff cuda
+    M.shard_model(  # bf16 compute iff cuda
+        net,
+        activation_checkpointing=args.activation_checkpointing,
+        compile_blocks=args.compile_blocks,
+        reshard_after_forward=not args.no_reshard_after_forward,
+    )
     cfg = net.config
 
     prompt_lens, resp_lens = workload(args)
@@ -95,11 +105,25 @@ def measure(variant: str, args) -> dict:
     # padded-sorted: rows x longest within the budget, what the trainer does for padded batches
     groups = M.make_microbatches(lengths, budget, padded=variant == "padded-sorted")
     num_tokens = sum(resp_lens)
+    opt = None
+    if args.optimizer_step != "none":  # grpo.py's optimizer, with the implementation chosen
+        fused = args.optimizer_step == "fused"
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-6, weight_decay=0.01, fused=fused, foreach=not fused)
+
+    def optimizer_step():  # as grpo.update_policy ends a mini-batch
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
 
     def step():
         net.zero_grad(set_to_none=True)
         for g in groups:
-            logp, _ = M.response_logprobs(net, [seqs[i] for i in g], [prompt_lens[i] for i in g], packed=packed)
+            logp, _ = M.response_logprobs(
+                net,
+                [seqs[i] for i in g],
+                [prompt_lens[i] for i in g],
+                packed=packed,
+                chunk_size=args.logprob_chunk_size,
+            )
             lens = torch.tensor([resp_lens[i] for i in g])
             seq_ids = torch.repeat_interleave(torch.arange(len(g)), lens).to(logp.device)
             a = torch.repeat_interleave(adv[g], lens).to(logp.device)
@@ -114,10 +138,14 @@ def measure(variant: str, args) -> dict:
                 entropy_coef=0.0,
             )
             loss.backward()
+        if opt is not None:
+            optimizer_step()
 
     mem = common.MemoryProbe(dev).start()
     times = common.time_fn(step, dev, args.warmup, args.iters)
     t = common.median(times)
+    # the optimizer step alone (the gradients of the last iteration are still there)
+    opt_times = common.time_fn(optimizer_step, dev, 0, args.iters) if opt is not None else None
     real = sum(lengths)
     computed = real if packed else sum(len(g) * max(lengths[i] for i in g) for g in groups)
     flops = sum(n * M.model_flops_per_token(cfg, n) for n in lengths)
@@ -146,6 +174,7 @@ def measure(variant: str, args) -> dict:
         ),
         "times_s": times,
         "median_s": t,
+        "optimizer_s": common.median(opt_times) if opt_times else None,
         "tokens_per_s": real / t,
         "tflops": flops / t / 1e12,
         "mfu": flops / t / 1e12 / peak if peak else None,
@@ -171,6 +200,17 @@ def main():
     )
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile-blocks", action="store_true", help="torch.compile each decoder block")
+    p.add_argument(
+        "--optimizer-step",
+        default="none",
+        choices=["none", "foreach", "fused"],
+        help="add grpo.py's grad clip + AdamW step (this implementation) to each iteration",
+    )
+    p.add_argument("--logprob-chunk-size", type=int, default=512, help="lm_head tokens per chunk (trainer: 512)")
+    p.add_argument(
+        "--no-reshard-after-forward", action="store_true", help="FSDP2 keeps gathered parameters for the backward"
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's peak (bf16 dense)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -196,7 +236,9 @@ def main():
         rows.append(r | {"peak_gib": r["peak_bytes"] / common.GiB if "peak_bytes" in r else None})
     print(
         f"\n{args.config}, {args.num_seqs} seqs, len-scale {args.len_scale}, budget {args.tokens_per_microbatch} "
-        f"tokens/micro-batch, AC {args.activation_checkpointing}, {common.device_name(args.device)}\n"
+        f"tokens/micro-batch, AC {args.activation_checkpointing}, compiled blocks {args.compile_blocks}, "
+        f"optimizer {args.optimizer_step}, log-prob chunk {args.logprob_chunk_size}, "
+        f"reshard after forward {not args.no_reshard_after_forward}, {common.device_name(args.device)}\n"
     )
     print(
         common.table(
@@ -208,6 +250,7 @@ def main():
                 ("microbatches", "mbs", "d"),
                 ("padding_waste", "padding waste", ".1%"),
                 ("median_s", "s/iter", ".3f"),
+                ("optimizer_s", "optimizer s", ".3f"),
                 ("tokens_per_s", "tokens/s", ",.0f"),
                 ("speedup_vs_padded", "vs padded", ".2f"),
                 ("tflops", "TFLOP/s", ".3g"),

@@ -47,10 +47,11 @@ def sleepers() -> set[int]:
 
 
 def test_toy_suite_runs_every_part_and_a_hung_part_does_not_stop_the_next(tmp_path):
-    """The whole call at toy size on CPU, with the logprob part made to hang: it is killed at its limit (its
-    grandchild too), the parts after it still run, and the files are the few the GPU machine sends back."""
+    """The whole call at toy size on CPU, with the loop part made to hang (the real loop and its resume are
+    tests/test_grpo_loop.py's): it is killed at its limit (its grandchild too), the part after it still runs, and
+    the files are the few the GPU machine sends back."""
     before = sleepers()
-    r = suite(tmp_path, "--toy", GPU_SUITE_FAULT="logprob:timeout")
+    r = suite(tmp_path, "--toy", GPU_SUITE_FAULT="loop:timeout")
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["logs.txt", "results.json", "summary.json", "summary.md"]
@@ -61,24 +62,25 @@ def test_toy_suite_runs_every_part_and_a_hung_part_does_not_stop_the_next(tmp_pa
 
     parts = {p["part"]: p for p in json.loads((out / "summary.json").read_text())["parts"]}
     assert {k: p["status"] for k, p in parts.items()} == dict(
-        tests="ok", update="ok", logprob="timeout", rollout="skipped", loop="ok"
+        tests="ok", update="ok", logprob="ok", rollout="skipped", loop="timeout", tuning="ok"
     ), md
     t = parts["tests"]["numbers"]
     assert t["passed"] >= 1 and t["failed"] == t["errors"] == 0 and t["skipped"] >= 1  # the GPU ones skip here
     assert parts["update"]["numbers"]["mb256"]["packed"]["tokens_per_s"] > 0
     assert "vs_padded-sorted" in parts["update"]["numbers"]["mb256"]["packed"]
-    assert parts["logprob"]["seconds"] < 30 and parts["logprob"]["steps"][0]["rc"] is None
+    assert parts["loop"]["seconds"] < 30 and parts["loop"]["steps"][0]["rc"] is None
     assert "CUDA" in parts["rollout"]["reason"] and "toy" in parts["rollout"]["reason"]
-    loop = parts["loop"]["numbers"]
-    assert loop["resume_ok"] and loop["steps"] == [1, 2, 3, 4], loop
+    tuned = parts["tuning"]["numbers"]["all"]["packed"]  # compiled blocks, fused AdamW, chunk 64, no reshard
+    assert tuned["tokens_per_s"] > 0 and tuned["optimizer_s"] > 0 and tuned["error"] is None, tuned
+    assert "| all | packed |" in md
     assert sleepers() <= before  # the hang's `sleep 600` went with its process group
 
     results = json.loads((out / "results.json").read_text())
-    assert {"update/mb256", "loop/resume"} <= set(results) and "logprob/T256" not in results
+    assert {"update/mb256", "logprob/T256", "tuning/all"} <= set(results) and "loop/resume" not in results
     rows = results["update/mb256"]["results"]  # bench/update_throughput.py end to end (its smoke test)
     assert set(rows) == {"packed", "padded", "padded-sorted"} and all(r.get("error") is None for r in rows.values())
     assert rows["packed"]["padding_waste"] == 0 and rows["padded"]["computed_tokens"] >= rows["packed"]["tokens"]
-    assert "===== loop/resume: ok" in (out / "logs.txt").read_text()
+    assert "===== tuning/all: ok" in (out / "logs.txt").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the suite does on a machine without a GPU")
