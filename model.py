@@ -336,9 +336,9 @@ def shard_model(
     Activation checkpointing wraps each block *before* sharding so FSDP sees the wrapper (recompute then
     happens inside the block's unsharded window).
     compile_blocks: torch.compile each decoder block, after the checkpoint wrapper and before sharding
-    (torchtitan's order), so FSDP's hooks stay outside the compiled graph; the blocks share one code object, so
-    one compile serves them all. reshard_after_forward=False keeps each block's gathered parameters from the
-    forward to the backward: no second all-gather, at the memory of a whole unsharded model.
+    (torchtitan's order), so FSDP's hooks stay outside the compiled graph. reshard_after_forward=False keeps each
+    block's gathered parameters from the forward to the backward: no second all-gather, at the memory of a whole
+    unsharded model.
     bench/update_throughput.py measures both; the trainer uses the defaults.
     """
     if not dist.is_initialized():

@@ -66,6 +66,7 @@ def measure(variant: str, args) -> dict:
 
     import grpo
     import model as M
+    from config import GRPOArgs
 
     dev = args.device
     packed = variant.startswith("packed")
@@ -105,13 +106,15 @@ def measure(variant: str, args) -> dict:
     # padded-sorted: rows x longest within the budget, what the trainer does for padded batches
     groups = M.make_microbatches(lengths, budget, padded=variant == "padded-sorted")
     num_tokens = sum(resp_lens)
-    opt = None
-    if args.optimizer_step != "none":  # grpo.py's optimizer, with the implementation chosen
+    opt, hp = None, GRPOArgs()  # grpo.py's optimizer settings (config.py's defaults)
+    if args.optimizer_step != "none":  # with the implementation chosen
         fused = args.optimizer_step == "fused"
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-6, weight_decay=0.01, fused=fused, foreach=not fused)
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused, foreach=not fused
+        )
 
     def optimizer_step():  # as grpo.update_policy ends a mini-batch
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), hp.grad_clip)
         opt.step()
 
     def step():
