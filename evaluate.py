@@ -704,3 +704,4 @@ def main(argv=None) -> dict | None:
 
 if __name__ == "__main__":
     main()
+    M.exit_finished()  # written and closed: skip interpreter finalization (seconds, with vLLM)

@@ -316,14 +316,14 @@ def plan(toy: bool, info: dict, work: Path) -> list[Part]:
 
 
 def inject_fault(parts: list[Part], spec: str) -> None:
-    """GPU_SUITE_FAULT=<part>:fail|timeout: that part's commands fail (exit 3) or hang in a child (killed at 3 s)."""
+    """GPU_SUITE_FAULT=<part>:fail|timeout: that part's commands fail (exit 3) or hang in a child (killed at 1.5 s)."""
     name, kind = spec.split(":")
     hang = "import subprocess; subprocess.run(['sleep', '600'])"  # a grandchild too: the whole group must go
     for part in parts:
         if part.name == name:
             for s in part.steps:
                 s.argv, s.skip, s.json = [PY, "-c", hang if kind == "timeout" else "raise SystemExit(3)"], None, None
-                s.timeout = 3.0 if kind == "timeout" else None
+                s.timeout = 1.5 if kind == "timeout" else None
 
 
 TOY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)

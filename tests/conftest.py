@@ -151,6 +151,21 @@ def _env(**extra):
     return env
 
 
+def refusal(argv: list[str], error=(SystemExit, RuntimeError, ValueError)) -> str:
+    """The message grpo.py refuses argv with, raised in this process (the CLI prints the same one and exits
+    non-zero). For the checks that come before any model or engine loads: a process would spend ~6 s importing.
+    The single-process group grpo.train joins stays (model.init_distributed reuses it); the RNG states are kept."""
+    import random
+
+    import grpo
+
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]), pytest.raises(error) as e:
+        grpo.train(grpo.parse_args(argv))
+    random.setstate(state)
+    return str(e.value)
+
+
 def _weights(ckpt: Path) -> dict:
     import model
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import checkpoint as C
-from conftest import TINY, _env, _metrics, _weights, torchrun
+from conftest import TINY, _env, _metrics, _weights, refusal, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [*TINY, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "0", "--seed", "3"]
@@ -106,11 +106,10 @@ def test_what_a_killed_run_leaves_behind(straight, tiny_model_dir, tmp_path):
     size = model.stat().st_size
     with open(model, "r+b") as f:
         f.truncate(size - 100)
-    r = _run(tiny_model_dir, out, "--resume", nproc=1)
-    assert r.returncode != 0
-    assert (
+    assert (  # refused before anything loads: in this process (conftest.refusal)
         f"cannot resume from checkpoint {ckpts / 'step_000004'}: {model} has {size - 100} bytes, {size} when it "
-        "was written (truncated or overwritten)" in r.stderr
+        "was written (truncated or overwritten)"
+        in refusal([*RUN, "--model", tiny_model_dir, "--out", str(out), "--resume"])
     )
     shutil.copy(straight / "checkpoints" / "step_000004" / "model" / "model.safetensors", model)
     assert {p: p.read_bytes() for p in before} == before  # the failed resume touched nothing
@@ -126,8 +125,8 @@ def test_what_a_killed_run_leaves_behind(straight, tiny_model_dir, tmp_path):
     # bad data on resume: an error naming the file and line, and nothing written either
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q", "answer": "1"}\n{oops\n')
-    r = _run(tiny_model_dir, out, "--resume", "--data", str(bad), nproc=1)
-    assert r.returncode != 0 and f"{bad}: line 2: invalid JSON" in r.stderr
+    msg = refusal([*RUN, "--model", tiny_model_dir, "--out", str(out), "--resume", "--data", str(bad)])
+    assert f"{bad}: line 2: invalid JSON" in msg
     assert {p: p.read_bytes() for p in before} == before
 
 
@@ -139,10 +138,11 @@ def test_resume_with_other_settings(straight, tiny_model_dir, tmp_path):
     shutil.copytree(straight, out)
     other = tmp_path / "other_model"
     shutil.copytree(tiny_model_dir, other)
-    r = _run(tiny_model_dir, out, "--resume", "--model", str(other), "--lr", "0.5", nproc=1)
-    assert r.returncode != 0
-    assert "--resume: the checkpoint was trained with other settings that define the run" in r.stderr
-    assert f"--model {tiny_model_dir!r} -> {str(other)!r}" in r.stderr and "--lr 0.001 -> 0.5" in r.stderr
+    msg = refusal(
+        [*RUN, "--model", tiny_model_dir, "--out", str(out), "--resume", "--model", str(other), "--lr", "0.5"]
+    )
+    assert "--resume: the checkpoint was trained with other settings that define the run" in msg
+    assert f"--model {tiny_model_dir!r} -> {str(other)!r}" in msg and "--lr 0.001 -> 0.5" in msg
     r = _run(tiny_model_dir, out, "--resume", "--tokens-per-microbatch", "64", "--steps", "5", nproc=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--tokens-per-microbatch 96 -> 64" in r.stderr and "--steps 4 -> 5" in r.stderr

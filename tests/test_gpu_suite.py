@@ -80,6 +80,10 @@ def test_toy_suite_runs_every_part_and_a_hung_part_does_not_stop_the_next(tmp_pa
     rows = results["update/mb256"]["results"]  # bench/update_throughput.py end to end (its smoke test)
     assert set(rows) == {"packed", "padded", "padded-sorted"} and all(r.get("error") is None for r in rows.values())
     assert rows["packed"]["padding_waste"] == 0 and rows["padded"]["computed_tokens"] >= rows["packed"]["tokens"]
+    rows = results["logprob/T256"]["results"]  # bench/logprob_memory.py end to end (its smoke test)
+    assert set(rows) == {"naive", "chunk-64"} and all(r.get("error") is None for r in rows.values()), rows
+    assert rows["chunk-64"]["analytic_reduction_vs_naive"] > 2  # measured RSS at this size is noise; the model is not
+    assert abs(rows["chunk-64"]["logp_mean"] - rows["naive"]["logp_mean"]) < 1e-4  # the same numbers
     assert "===== tuning/all: ok" in (out / "logs.txt").read_text()
 
 

@@ -487,6 +487,7 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
     dev = dist_info.device
     on_cpu = dev.type == "cpu"
     dtype = torch.float32 if on_cpu else torch.bfloat16
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the only process: all its cores (spawn_gloo starts 1)
     eng = VLLMEngine(
         model_dir, device=dev, dtype=dtype, max_model_len=512, max_num_seqs=16, seed=0, gpu_memory_utilization=0.3
     )
