@@ -30,6 +30,8 @@ import common
 
 def model_dir(args) -> str:
     """The model to serve: --model via resolve_model, or a random Qwen2-1.5B-shaped one written once to --save-dir."""
+    if not args.random_config and os.path.isfile(os.path.join(args.model, "config.json")):
+        return args.model  # a model directory: nothing to convert (and the parent skips importing transformers)
     import model as M
 
     if not args.random_config:

@@ -417,8 +417,8 @@ def test_vllm_engine_two_processes_two_checkpoints_budget_forcing(embedded_model
             "--samples",
             "2",
             "--budgets",
+            "12",
             "16",
-            "32",
             "--engine",
             "vllm",
             "--baseline",
@@ -433,7 +433,7 @@ def test_vllm_engine_two_processes_two_checkpoints_budget_forcing(embedded_model
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     ids = {r["problem_id"] for r in recs}  # split over the ranks; rank 0 writes every sample, once
     key = lambda r: (r["model"], r["method"], r["budget"], r["problem_id"], r["sample"])  # noqa: E731
-    every = [(m, x, t) for m in ("base", "zeroed") for x in ("budget-forcing", "exact") for t in (16, 32)]
+    every = [(m, x, t) for m in ("base", "zeroed") for x in ("budget-forcing", "exact") for t in (12, 16)]
     assert len(ids) == 2 and sorted(map(key, recs)) == sorted(e + (i, k) for e in every for i in ids for k in range(2))
     res = json.loads((out / "results.json").read_text())
     assert res["environment"]["world_size"] == 2 and not math.isnan(res["elapsed_s"])
