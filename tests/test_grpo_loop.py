@@ -484,6 +484,8 @@ def test_vllm_kv_cache_too_small_names_the_flags(tiny_vllm_model_dir, tmp_path):
             "--no-std-normalize",
             "--tis-cap",
             "0",
+            "--targets-per-problem",
+            "2",
             "--dtype",
             "float32",
         ],
@@ -500,14 +502,15 @@ def test_vllm_kv_cache_too_small_names_the_flags(tiny_vllm_model_dir, tmp_path):
             "1",
             "--packed",
             "on",
+            "--dtype",
+            "bfloat16",
         ],
-        ["--target", "exact", "--targets-per-problem", "2", "--dtype", "bfloat16"],
     ],
 )
 def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
-    """The options the field uses (L1-Max mixed prompts, no reference model, Dr. GRPO, clip-higher, dropping
-    equal groups, plain GRPO, packed rows on CPU, each problem at two targets, either compute dtype on CPU) run
-    the real loop and log a step."""
+    """The options the field uses (L1-Max mixed prompts, each problem at two targets, no reference model, Dr. GRPO,
+    clip-higher, dropping equal groups, plain GRPO, packed rows on CPU, either compute dtype on CPU) run the real
+    loop and log a step."""
     out = tmp_path / "run"
     r = subprocess.run(
         [

@@ -507,12 +507,12 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
     for c in (c for g in sampled for c in g):
         assert len(c.logprobs) == len(c.token_ids) and (c.finish_reason == "stop") == (c.token_ids[-1] in eos)
     assert eng.generate(prompts, 4, sampling)[0][0].token_ids != sampled[0][0].token_ids  # same seed: fresh samples
-    # More prompt tokens than one engine step takes (12 x 400 against the CPU default of 4096), each request seeded:
-    # vLLM must not split a prefill (on CPU its seeded generator cannot rewind; rollout.VLLMEngine turns chunking off).
+    # More prompt tokens than one engine step takes (11 x 373 = 4103 against the CPU default of 4096), each request
+    # seeded: vLLM must not split a prefill (on CPU its seeded generator cannot rewind; VLLMEngine turns chunking off).
     g = torch.Generator().manual_seed(0)
-    long_prompts = [torch.randint(100, 20000, (400,), generator=g).tolist() for _ in range(12)]
+    long_prompts = [torch.randint(100, 20000, (373,), generator=g).tolist() for _ in range(11)]
     long_out = eng.generate(long_prompts, 1, SamplingConfig(temperature=0.6, max_new_tokens=2, seed=3, ignore_eos=True))
-    assert [len(grp) for grp in long_out] == [1] * 12 and all(len(grp[0].token_ids) == 2 for grp in long_out)
+    assert [len(grp) for grp in long_out] == [1] * 11 and all(len(grp[0].token_ids) == 2 for grp in long_out)
     flat = [(p, c) for p, g in zip(prompts, sampled) for c in g]
     with torch.no_grad():
         trainer, _ = M.response_logprobs(
