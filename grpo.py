@@ -460,7 +460,7 @@ def train(cfg: Config) -> None:
         stats = update_policy(policy, ref_policy, optimizer, episodes, cfg, dist_info, packed, step)
         if dist_info.device.type == "cuda":  # hand the trainer's cached activations back before the engine's KV cache
             torch.cuda.empty_cache()
-        else:
+        else:  # the CPU twin, only when memory runs short: the next update reuses the heap
             M.release_cpu_heap()
         t3 = time.perf_counter()
 

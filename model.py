@@ -532,15 +532,47 @@ def use_bf16(device: torch.device, choice: str = "auto") -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
-def release_cpu_heap() -> None:
+def memory_available() -> tuple[int, int]:
+    """(available, total) bytes of memory for this process: the machine's (/proc/meminfo's MemAvailable and
+    MemTotal), or its cgroup's limit and what is left under it where that is lower (a container's, v2 or v1)."""
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        info[key] = int(value.split()[0]) * 1024
+    avail, total = info.get("MemAvailable", info["MemFree"]), info["MemTotal"]
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit, usage = (Path(f).read_text().strip() for f in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < total:  # "max" or a huge number: no limit
+            avail, total = min(avail, int(limit) - int(usage)), int(limit)
+        break
+    return avail, total
+
+
+def release_cpu_heap(min_available: float = 0.25) -> bool:
     """Hand freed heap back to the OS after an update on CPU (glibc's malloc_trim; the CPU twin of
-    torch.cuda.empty_cache). glibc keeps the memory of freed activations in its arenas, so a worker's resident
-    size grew over a long CPU run until the OOM killer stopped it (one of the CPU runs of results/HISTORY.md);
-    trimming after an update gave back 2.5 GiB there. A no-op where the C library is not glibc."""
+    torch.cuda.empty_cache), but only when less than `min_available` of the memory is left. Returns whether it
+    trimmed; a no-op where the C library is not glibc.
+
+    glibc keeps the memory of freed activations in its arenas, so a worker's resident size grew over a long CPU run
+    until the OOM killer stopped it at 11.5 GiB (a CPU run of results/HISTORY.md). Trimming after every update
+    bounds that, but the next update then page-faults all of its activations in again: in `make train`
+    (2 ranks, SmolLM2, about 4 GiB of freed heap per rank after an update) an update took 31-35 s with a trim
+    after each and 22-24 s without. So the heap is kept while the machine has memory to spare, and given back when
+    it runs short."""
+    avail, total = memory_available()
+    if avail >= min_available * total:
+        return False
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        pass
+        return False
+    return True
 
 
 def prefers_packing(model: nn.Module) -> bool:
