@@ -562,9 +562,9 @@ def release_cpu_heap(min_available: float = 0.25) -> bool:
     glibc keeps the memory of freed activations in its arenas, so a worker's resident size grew over a long CPU run
     until the OOM killer stopped it at 11.5 GiB (a CPU run of results/HISTORY.md). Trimming after every update
     bounds that, but the next update then page-faults all of its activations in again: in `make train`
-    (2 ranks, SmolLM2, about 4 GiB of freed heap per rank after an update) an update took 31-35 s with a trim
-    after each and 22-24 s without. So the heap is kept while the machine has memory to spare, and given back when
-    it runs short."""
+    (2 ranks, SmolLM2, about 4 GiB of freed heap per rank after an update; Intel Xeon with AMX, 2 cores) an update
+    took 31-35 s with a trim after each and 22-24 s without. So the heap is kept while the machine has memory to
+    spare, and given back when it runs short."""
     avail, total = memory_available()
     if avail >= min_available * total:
         return False
