@@ -565,10 +565,10 @@ def release_cpu_heap(min_available: float = 0.25) -> bool:
     (2 ranks, SmolLM2, about 4 GiB of freed heap per rank after an update; Intel Xeon with AMX, 2 cores) an update
     took 31-35 s with a trim after each and 22-24 s without. So the heap is kept while the machine has memory to
     spare, and given back when it runs short."""
-    avail, total = memory_available()
-    if avail >= min_available * total:
-        return False
     try:
+        avail, total = memory_available()
+        if avail >= min_available * total:
+            return False
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         return False
