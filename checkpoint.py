@@ -77,9 +77,10 @@ def fault_point(name: str, step: int) -> None:
     if os.environ.get("LCPO_FAULT") != f"{name}:{step}":
         return
     me, victims = os.getpid(), []
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: the other ranks, then the agent
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: the agent first, then the other ranks
+        # (the agent first: killed after a rank, it could see that rank die and exit 1 before its own SIGKILL came)
         agent = os.getppid()
-        victims = [pid for pid in _children(agent) if pid != me] + [agent]
+        victims = [agent] + [pid for pid in _children(agent) if pid != me]
     for pid in [*victims, me]:
         try:
             os.kill(pid, signal.SIGKILL)
