@@ -135,6 +135,33 @@ def test_packed_and_padded_give_same_logprobs_and_gradients(kind, attn):
         torch.testing.assert_close(g_a[name], g_b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_padded_batch_runs_causal_sdpa_without_a_mask(monkeypatch):
+    """Right-padded rows need no padding mask (no real token comes after a pad), so the padded layout hands SDPA
+    no mask and is_causal: the kernel's cheaper path. The log-probs equal those of the same batch with
+    transformers' own padding mask."""
+    import transformers.integrations.sdpa_attention as S
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        S.torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append((k.get("attn_mask"), k.get("is_causal"))) or real(*a, **k),
+    )
+    model = tiny_model("qwen2")
+    lp, _ = M.response_logprobs(model, SEQS, PROMPT_LENS, temperature=0.6, packed=False)
+    assert len(calls) == 2 and all(mask is None and causal for mask, causal in calls)  # 2 layers
+    input_ids, _, _, _, _, gather_index, targets = M._build_inputs(SEQS, PROMPT_LENS, packed=False)
+    mask = torch.zeros_like(input_ids)
+    for i, s in enumerate(SEQS):
+        mask[i, : len(s)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)[gather_index] / 0.6
+    assert calls[-1][0] is not None  # that forward did carry a mask
+    expected = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    torch.testing.assert_close(lp, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_gradients_flow_and_no_grad_path_matches():
     model = tiny_model()
     lp, _ = M.response_logprobs(model, SEQS, PROMPT_LENS, packed=True, chunk_size=2)
