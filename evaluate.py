@@ -7,7 +7,12 @@ Per model/method, dataset and budget n_gold (k = --samples samples per problem):
   accuracy     pass@1 = mean correctness over all samples
   mean_tokens  mean n_y (generated tokens, EOS included; a cut response counts as the limit)
   rel_dev      mean |n_y - n_gold| / n_gold          over_budget  fraction with n_y > n_gold
-and per dataset the Pearson correlation r(n_y, n_gold) over all samples of all budgets.
+  mean_error   mean(n_y) / n_gold - 1 (signed)       over_10pct   fraction with n_y > 1.1 n_gold
+  rel_rmse     sqrt(mean((n_y / n_gold - 1)^2))
+  repeats      fraction of responses that repeat a span of tokens (rewards.repeats)
+mean_error and rel_rmse are the length errors that the L1 paper's appendix reports; rel_dev is stricter than
+mean_error, since a sample's error cannot cancel another's. And per dataset the Pearson correlation r(n_y, n_gold)
+over all samples of all budgets.
 Mode "none" puts no target in the prompt but is still measured against the budget.
 S1 budget forcing (--baseline budget-forcing): n_y counts the thinking tokens only (model tokens plus the
 appended "Wait" tokens, never more than the budget); the final-answer cue and the greedy answer are counted
@@ -23,6 +28,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import random
 import subprocess
 import sys
@@ -94,25 +100,39 @@ def series_name(rec: dict) -> str:
 
 
 def budget_stats(recs: list[dict], budget: int) -> dict:
-    """accuracy = mean 1[correct]; rel_dev = mean |n_y - n_gold| / n_gold; over_budget = mean 1[n_y > n_gold];
-    repeats = the fraction of responses that repeat a span of tokens (rewards.repeats; None for records written
-    before evaluate.py measured it)."""
+    """The samples of one dataset at one budget n_gold, over their N samples n_y:
+
+    accuracy    = mean 1[correct]
+    rel_dev     = mean |n_y - n_gold| / n_gold                 (per sample, then averaged)
+    mean_error  = mean(n_y) / n_gold - 1                       (signed error of the mean length: L1's appendix)
+    rel_rmse    = sqrt(mean (n_y / n_gold - 1)^2)              (relative RMSE over samples: L1's appendix)
+    over_budget = mean 1[n_y > n_gold],  over_10pct = mean 1[n_y > 1.1 n_gold]   (max mode)
+    repeats     = fraction of responses that repeat a span of tokens (rewards.repeats; None for records
+                  written before evaluate.py measured it)
+    """
     n_y = [r["n_tokens"] for r in recs]
     marked = [r["repeats"] for r in recs if "repeats" in r]
+    mean_tokens = sum(n_y) / len(recs)
     return {
         "n": len(recs),
         "problems": len({r["problem_id"] for r in recs}),
         "accuracy": sum(bool(r["correct"]) for r in recs) / len(recs),
-        "mean_tokens": sum(n_y) / len(recs),
+        "mean_tokens": mean_tokens,
         "rel_dev": sum(abs(n - budget) / budget for n in n_y) / len(recs),
+        "mean_error": mean_tokens / budget - 1,
+        "rel_rmse": math.sqrt(sum((n / budget - 1) ** 2 for n in n_y) / len(recs)),
         "over_budget": sum(n > budget for n in n_y) / len(recs),
+        "over_10pct": sum(n > 1.1 * budget for n in n_y) / len(recs),
         "repeats": sum(marked) / len(marked) if marked else None,
     }
 
 
+AVERAGED = ("accuracy", "mean_tokens", "rel_dev", "mean_error", "rel_rmse", "over_budget", "over_10pct")
+
+
 def summarize(records: list[dict], budgets: list[int]) -> dict:
     """{series: {"datasets": {dataset: {"budgets": {b: stats}, "pearson": r, "n": N}},
-    "average": {b: mean over datasets of accuracy/mean_tokens/rel_dev/over_budget}}}"""
+    "average": {b: mean over datasets of each of AVERAGED, and repeats}}}"""
     groups: dict[str, dict[str, list[dict]]] = {}
     for r in records:
         groups.setdefault(series_name(r), {}).setdefault(r["dataset"], []).append(r)
@@ -131,10 +151,7 @@ def summarize(records: list[dict], budgets: list[int]) -> dict:
         for b in budgets:
             cells = [d["budgets"][b] for d in datasets.values() if b in d["budgets"]]
             if cells:
-                average[b] = {
-                    k: sum(c[k] for c in cells) / len(cells)
-                    for k in ("accuracy", "mean_tokens", "rel_dev", "over_budget")
-                }
+                average[b] = {k: sum(c[k] for c in cells) / len(cells) for k in AVERAGED if all(k in c for c in cells)}
                 rep = [c["repeats"] for c in cells if c.get("repeats") is not None]
                 average[b]["repeats"] = sum(rep) / len(rep) if rep else None
         out[series] = {"datasets": datasets, "average": average}
@@ -144,8 +161,9 @@ def summarize(records: list[dict], budgets: list[int]) -> dict:
 def format_table(summary: dict, budgets: list[int]) -> str:
     """Markdown, one table per model/method: rows datasets, columns budgets (paper layout)."""
     lines = [
-        "cell: accuracy / mean tokens used (mean relative deviation |n_y - n_gold| / n_gold, "
-        "fraction of samples over budget, fraction that repeat a span: rewards.repeats); "
+        "cell: accuracy / mean tokens used (dev: mean relative deviation |n_y - n_gold| / n_gold; err: signed error "
+        "of the mean length, mean(n_y) / n_gold - 1; rmse: relative RMSE, sqrt(mean (n_y / n_gold - 1)^2); over: "
+        "fraction of samples over budget; rep: fraction that repeat a span, rewards.repeats); "
         "r: Pearson correlation of generated with requested length",
         "",
     ]
@@ -170,10 +188,11 @@ def _cell(c: dict | None) -> str:
     if c is None:
         return "-"
     pct = {k: 100 * c[k] for k in ("accuracy", "rel_dev", "over_budget")}
+    paper = "" if "rel_rmse" not in c else f", err {100 * c['mean_error']:+.0f}%, rmse {100 * c['rel_rmse']:.0f}%"
     rep = "" if c.get("repeats") is None else f", rep {100 * c['repeats']:.0f}%"
     return (
         f"{pct['accuracy']:.1f}% / {c['mean_tokens']:.0f} "
-        f"(dev {pct['rel_dev']:.0f}%, over {pct['over_budget']:.0f}%{rep})"
+        f"(dev {pct['rel_dev']:.0f}%{paper}, over {pct['over_budget']:.0f}%{rep})"
     )
 
 

@@ -374,6 +374,7 @@ def train(cfg: Config) -> None:
         mode=cfg.data.target,
         target_lo=cfg.data.target_min,
         target_hi=cfg.data.target_max,
+        target_dist=cfg.data.target_dist,
         seed=cfg.run.seed,
         targets_per_problem=cfg.data.targets_per_problem,
     )

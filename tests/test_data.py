@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import re
 
 import pytest
@@ -331,6 +332,30 @@ def test_target_sampler_range_seed_and_resume():
     b = TargetSampler(seed=99)
     b.load_state_dict(state)
     assert [a.sample() for _ in range(20)] == [b.sample() for _ in range(20)]
+
+
+def test_log_uniform_targets_give_each_doubling_the_same_share():
+    s = TargetSampler(16, 383, seed=3, dist="log-uniform")  # 16..383: 16-31, 32-63, ..., 256-383 (log2 24 = 4.58)
+    draws = [s.sample() for _ in range(20000)]
+    assert min(draws) == 16 and max(draws) == 383
+    share = [sum(lo <= d < 2 * lo for d in draws) / len(draws) for lo in (16, 32, 64, 128)]
+    assert all(abs(x - 1 / math.log2(24)) < 0.015 for x in share), share  # 0.218 each
+    uniform = TargetSampler(16, 383, seed=3)
+    assert sum(16 <= uniform.sample() < 32 for _ in range(20000)) / 20000 < 0.05  # uniform: 16 / 368 = 4%
+    # k = 4: one draw in each quarter of [log 16, log 384)
+    edges = [16 * 24 ** (j / 4) for j in range(5)]  # 16, 35.3, 78.4, 173.4, 384
+    for _ in range(200):
+        spread = s.sample_spread(4)
+        assert all(int(edges[j]) <= t <= edges[j + 1] for j, t in enumerate(spread)), spread
+    state = json.loads(json.dumps(s.state_dict()))
+    resumed = TargetSampler(seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.dist == "log-uniform" and [s.sample() for _ in range(20)] == [resumed.sample() for _ in range(20)]
+    stream = PromptStream(arithmetic_problems(4), target_lo=16, target_hi=383, seed=3, target_dist="log-uniform")
+    reference = TargetSampler(16, 383, seed=3, dist="log-uniform")
+    assert [x.target for x in stream.next_batch(4)] == [reference.sample() for _ in range(4)]
+    with pytest.raises(ValueError, match=r"unknown target distribution 'normal' \(--target-dist\)"):
+        TargetSampler(dist="normal")
 
 
 def test_stream_epochs_and_fresh_targets():

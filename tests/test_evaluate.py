@@ -51,6 +51,11 @@ def test_summarize_exact_numbers():
     assert b100["rel_dev"] == pytest.approx((20 + 0 + 30 + 50) / 100 / 4)  # 0.25
     assert b200["rel_dev"] == pytest.approx((20 + 20) / 200 / 2)  # 0.10
     assert b100["over_budget"] == 0.5 and b200["over_budget"] == 0.5  # 130, 150 > 100; 220 > 200
+    # The L1 paper's length errors. Budget 100: mean 115 -> +15%; ratios - 1 = -.2 0 .3 .5 -> squares .04 0 .09 .25,
+    # mean .095 -> RMSE .30822. Budget 200: mean 200 -> 0 although no sample is on it; ratios - 1 = -.1 .1 -> RMSE .1.
+    assert b100["mean_error"] == pytest.approx(0.15) and b200["mean_error"] == pytest.approx(0.0)
+    assert b100["rel_rmse"] == pytest.approx(0.095**0.5) and b200["rel_rmse"] == pytest.approx(0.1)
+    assert b100["over_10pct"] == 0.5 and b200["over_10pct"] == 0.0  # 130, 150 > 110; 220 is not > 220
     # x = 100 x4, 200 x2 (mean 400/3); y = 80 100 130 150 180 220 (mean 430/3). Times 3:
     # dx = -100 x4, 200 x2; dy = -190 -130 -40 20 110 230. sxy = 34000 + 68000 = 102000 (/9),
     # sxx = 40000 + 80000 = 120000 (/9), syy = 36100+16900+1600+400+12100+52900 = 120000 (/9) -> r = 0.85
@@ -70,6 +75,8 @@ def test_summarize_groups_series_datasets_and_average():
     assert avg[100]["accuracy"] == pytest.approx((0.75 + 0.5) / 2)
     assert avg[100]["mean_tokens"] == pytest.approx((115 + 50) / 2)
     assert avg[200]["accuracy"] == 0.0  # only dataset d has budget 200
+    assert avg[100]["mean_error"] == pytest.approx((0.15 - 0.5) / 2)  # e: mean 50 at budget 100 -> -50%
+    assert avg[100]["rel_rmse"] == pytest.approx((0.095**0.5 + 0.5) / 2)
     assert s["m2 · budget-forcing"]["datasets"]["d"]["budgets"][100]["rel_dev"] == pytest.approx(0.1)
 
 
@@ -83,8 +90,11 @@ def test_format_table_paper_layout():
     s = evaluate.summarize(HAND + [rec(50, True, 100, dataset="e")], [100, 200])
     t = evaluate.format_table(s, [100, 200])
     assert "## m · exact" in t and "| dataset | 100 | 200 | r | samples |" in t
-    assert "| d | 75.0% / 115 (dev 25%, over 50%) | 0.0% / 200 (dev 10%, over 50%) | 0.85 | 6 |" in t
-    assert "| e | 100.0% / 50 (dev 50%, over 0%) | - | - | 1 |" in t
+    assert (
+        "| d | 75.0% / 115 (dev 25%, err +15%, rmse 31%, over 50%) | 0.0% / 200 (dev 10%, err +0%, rmse 10%, over 50%) "
+        "| 0.85 | 6 |"
+    ) in t
+    assert "| e | 100.0% / 50 (dev 50%, err -50%, rmse 50%, over 0%) | - | - | 1 |" in t
     assert "| **average** | 87.5% / 82" in t
 
 
@@ -93,7 +103,7 @@ def test_repetition_in_the_table():
     recs = [dict(rec(100, True, 100), repeats=True), dict(rec(90, False, 100, sample=1), repeats=False)]
     s = evaluate.summarize(recs, [100])
     assert s["m · exact"]["datasets"]["d"]["budgets"][100]["repeats"] == 0.5
-    assert "| d | 50.0% / 95 (dev 5%, over 0%, rep 50%) |" in evaluate.format_table(s, [100])
+    assert "| d | 50.0% / 95 (dev 5%, err -5%, rmse 7%, over 0%, rep 50%) |" in evaluate.format_table(s, [100])
     assert evaluate.summarize(HAND, [100])["m · exact"]["datasets"]["d"]["budgets"][100]["repeats"] is None
 
 
