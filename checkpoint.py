@@ -6,8 +6,8 @@
         model/                   Hugging Face save_pretrained layout (safetensors): loadable by transformers and vLLM
         optim/                   the sharded AdamW state (torch.distributed.checkpoint)
         rng_rank*.pt             each rank's RNG states
-        state.json               step, data-stream position, reward state (HAPO), world size, config, and the size
-                                 of every file above; written last
+        state.json               step, data-stream position, the reward's state across steps (if it has one), world
+                                 size, config, and the size of every file above; written last
 
 What survives a kill (SIGKILL included, at any moment): a checkpoint is written into `step_N.tmp/` and renamed to
 `step_N/` only once its state.json is in place, so a killed save leaves a `.tmp` directory (or a directory without
@@ -179,7 +179,7 @@ def _write(final: Path, step, policy, tokenizer, optimizer, stream, reward_state
         state = {
             "step": step,
             "stream": stream.state_dict(),
-            "reward_state": reward_state.state_dict(),
+            "reward_state": reward_state.state_dict() if reward_state is not None else None,
             "world_size": dist_info.world_size,
             "config": asdict(cfg),
             "files": files,
@@ -235,8 +235,9 @@ def check_config(saved: dict, cfg, world_size: int, saved_world_size: int) -> li
 
 
 def load(path: Path, policy, optimizer, stream, reward_state, dist_info) -> dict:
-    """Load a verified checkpoint into the sharded policy and optimizer, the data stream and the reward state;
-    returns its state.json. Any failure names the checkpoint (and the file, where it is one)."""
+    """Load a verified checkpoint into the sharded policy and optimizer, the data stream and the reward's state (None
+    for a reward without one); returns its state.json. Any failure names the checkpoint (and the file, where it is
+    one)."""
     state = verify(path)
     try:
         full = M.read_safetensors(path / "model")
@@ -245,7 +246,8 @@ def load(path: Path, policy, optimizer, stream, reward_state, dist_info) -> dict
         dcp.load({"optim": optim_sd}, checkpoint_id=str(path / "optim"))
         set_optimizer_state_dict(policy, optimizer, optim_sd)
         stream.load_state_dict(state["stream"])
-        reward_state.load_state_dict(state.get("reward_state", {"h": {}}))
+        if reward_state is not None:
+            reward_state.load_state_dict(state["reward_state"])
         rng_file = path / f"rng_rank{dist_info.rank}.pt"
         if rng_file.exists():  # absent for a rank the run did not have before (a larger world size)
             rng = torch.load(rng_file, weights_only=False)

@@ -60,47 +60,25 @@ class DataArgs:
 
 
 @dataclass
-class RewardArgs:
-    reward: str = "lcpo"  # the reward (rewards.py): lcpo (lcpo-exact or lcpo-max, by the prompt's sentence) |
-    # lcpo-exact | lcpo-max | correctness (plain GRPO) | dapo | laser | thinkprune | cosine | kimi | efficient |
-    # shorterbetter | grpo-lead | alp | hapo
-    alpha_exact: float = 0.0003  # lcpo, lcpo-exact: reward lost per token off the target
-    alpha_max: float = 0.001  # lcpo, lcpo-max: reward per token under (or over) the budget
-    delta_max: float = 0.5  # lcpo, lcpo-max: the reward of a correct answer exactly at the budget
-    dapo_cache: int = 0  # dapo: the soft punishment's buffer L_c before the limit L; 0 = L // 5
-    laser_budget: int = 0  # laser: the length L_T under which a correct answer earns the bonus; 0 = L // 4
-    laser_bonus: float = 0.5  # laser: the bonus a
-    thinkprune_cap: int = 0  # thinkprune: a correct answer over the cap scores 0; 0 = 3 * L // 4
-    cosine_len: int = 0  # cosine: the length L_cos where the cosine reaches its end; 0 = L
-    kimi_weight: float = 0.5  # kimi: the weight w of the group length penalty
-    efficient_alpha: float = 0.1  # efficient: alpha
-    shorterbetter_a: float = 2.0  # shorterbetter: the reward a of a correct answer
-    shorterbetter_b: float = 0.0  # shorterbetter: cost per token off the shortest correct length; 0 = 6 / L
-    lead_alpha: float = 0.05  # grpo-lead: alpha
-    alp_beta: float = 0.5  # alp: beta
-    hapo_weight: float = 1.0  # hapo: the weight w of the history term
+class RewardChoice:
+    reward: str = "lcpo"  # the reward (rewards.py; each one's equation is in its docstring):
     last_number_fallback: bool = False  # grade a response without \boxed{} by its last number (small models)
     grade_deadline: float = 300.0  # seconds to grade a rank's responses of a step; the rest are graded wrong,
     # counted in the metrics (grade_bounded)
 
     def constants(self) -> dict:
         """The keyword arguments of the chosen reward's function in rewards.py."""
-        return {
-            "lcpo": dict(alpha_exact=self.alpha_exact, alpha_max=self.alpha_max, delta=self.delta_max),
-            "lcpo-exact": dict(alpha=self.alpha_exact),
-            "lcpo-max": dict(alpha=self.alpha_max, delta=self.delta_max),
-            "correctness": {},
-            "dapo": dict(cache=self.dapo_cache),
-            "laser": dict(budget=self.laser_budget, bonus=self.laser_bonus),
-            "thinkprune": dict(cap=self.thinkprune_cap),
-            "cosine": dict(max_len=self.cosine_len),
-            "kimi": dict(weight=self.kimi_weight),
-            "efficient": dict(alpha=self.efficient_alpha),
-            "shorterbetter": dict(a=self.shorterbetter_a, b=self.shorterbetter_b),
-            "grpo-lead": dict(alpha=self.lead_alpha),
-            "alp": dict(beta=self.alp_beta),
-            "hapo": dict(weight=self.hapo_weight),
-        }[self.reward]
+        return {name: getattr(self, name) for name in R.REWARDS[self.reward].constants}
+
+
+# RewardChoice plus one field per reward constant (rewards.CONSTANTS): the reward functions' keyword parameters
+# are the flags, with their defaults and the help lines of their docstrings.
+RewardArgs = dataclasses.make_dataclass(
+    "RewardArgs",
+    [(c.name, c.kind, field(default=c.default)) for c in R.CONSTANTS.values()],
+    bases=(RewardChoice,),
+    namespace={"__module__": __name__},
+)
 
 
 @dataclass
@@ -240,20 +218,32 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
+def _flag_help(cls) -> dict[str, str]:
+    """{field: its --help text}; RewardArgs's reward constants take theirs from rewards.py: the rewards that read
+    the constant, and its docstring line."""
+    if cls is not RewardArgs:
+        return _field_comments(cls)
+    out = _field_comments(RewardChoice)
+    out["reward"] += " " + " | ".join(R.REWARDS)
+    for name, c in R.CONSTANTS.items():
+        out[name] = ", ".join(r.name for r in R.REWARDS.values() if name in r.constants) + ": " + c.help
+    return out
+
+
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> Config:
     """Build argparse flags from the dataclass fields (--field-name), apply --preset, then explicit flags."""
     cfg = Config()
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in dataclasses.fields(cfg):
         sub = getattr(cfg, group.name)
-        g, comments = p.add_argument_group(group.name), _field_comments(type(sub))
+        g, comments = p.add_argument_group(group.name), _flag_help(type(sub))
         for f in dataclasses.fields(sub):
             flag, default = "--" + f.name.replace("_", "-"), getattr(sub, f.name)
             text = f"{comments.get(f.name, '')} (default: {default})".strip()
             if isinstance(default, bool):
                 g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:
-                kind = type(default) if default is not None else str
+                kind = f.type if isinstance(f.type, type) else type(default) if default is not None else str
                 g.add_argument(flag, dest=f.name, type=kind, default=None, help=text.replace("%", "%%"))
     ns = vars(p.parse_args(argv))
     if ns.get("preset") and ns["preset"] not in PRESETS:
@@ -276,15 +266,16 @@ def validate(cfg: Config) -> None:
     """Every check names its flag; a ValueError here is an argparse error (exit code 2)."""
     d, r, g, m = cfg.data, cfg.reward, cfg.grpo, cfg.model
     span = d.target_max - d.target_min + 1
+    chosen = R.REWARDS.get(r.reward)
     checks = [
         (d.target in ("exact", "max", "mixed", "none"), f"--target must be exact|max|mixed|none, got {d.target!r}"),
         (
             d.target_dist in D.TARGET_DISTS,
             f"--target-dist must be {'|'.join(D.TARGET_DISTS)}, got {d.target_dist!r}",
         ),
-        (r.reward in R.REWARDS, f"--reward must be one of {'|'.join(R.REWARDS)}, got {r.reward!r}"),
+        (chosen is not None, f"--reward must be one of {'|'.join(R.REWARDS)}, got {r.reward!r}"),
         (
-            not (r.reward in R.NEEDS_TARGET and d.target == "none"),
+            not (chosen and chosen.needs_target and d.target == "none"),
             f"--reward {r.reward} scores the length against the prompt's target, and --target none writes no target "
             "in the prompt: use --target exact|max|mixed, or --reward correctness (plain GRPO) or a reward without "
             "a target",
@@ -329,13 +320,16 @@ def validate(cfg: Config) -> None:
         (cfg.run.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0 (0 keeps all)"),
         (d.max_new_tokens >= 1 and d.temperature > 0, "--max-new-tokens must be >= 1 and --temperature > 0"),
         (r.grade_deadline > 0, f"--grade-deadline must be > 0 seconds, got {r.grade_deadline}"),
-        (
-            min(r.dapo_cache, r.laser_budget, r.thinkprune_cap, r.cosine_len) >= 0
-            and max(r.dapo_cache, r.cosine_len) <= d.max_new_tokens,
-            "--dapo-cache, --laser-budget, --thinkprune-cap and --cosine-len must be >= 0 (0: derived from "
-            "--max-new-tokens), and --dapo-cache and --cosine-len at most --max-new-tokens",
-        ),
     ]
+    for c in R.CONSTANTS.values():  # a reward constant that is a length in tokens (rewards.Tokens)
+        value = getattr(r, c.name)
+        checks.append(
+            (
+                not c.tokens or 0 <= value <= d.max_new_tokens,
+                f"--{c.name.replace('_', '-')} is a length in tokens: 0 (derived from --max-new-tokens) up to "
+                f"--max-new-tokens ({d.max_new_tokens}), got {value}",
+            )
+        )
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)

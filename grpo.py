@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import checkpoint as C
 import data as D
+import grading
 import model as M
 import rewards as R
 import rollout
@@ -145,7 +146,7 @@ def policy_loss(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scoring: grade every response, then the length reward of each group (rewards.py).
+# Scoring: grade every response (grading.py), then the length reward of each group (rewards.py).
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class Episode:
@@ -157,7 +158,7 @@ class Episode:
 
 
 @dataclass
-class Scores:
+class StepRewards:
     """One rank's step, per response: each tensor is [num_prompts, group_size]."""
 
     reward: torch.Tensor  # r = correctness term + length term
@@ -166,14 +167,14 @@ class Scores:
     length: torch.Tensor  # n_y: generated tokens, EOS included (a response cut at the limit counts as the limit)
     repeats: torch.Tensor  # 1 if it repeats a span of tokens (rewards.repeats)
     groups: list[R.Group]
-    grading: R.GradeStats
+    grading: grading.GradeStats
 
 
-def compute_rewards(samples: list[D.Sample], completions, cfg: Config, history: R.HapoHistory) -> Scores:
+def compute_rewards(samples: list[D.Sample], completions, cfg: Config, reward_state=None) -> StepRewards:
     """Grade every response (bounded: --grade-deadline for the rank's batch), then score each prompt's group with
-    --reward, which may read the group's lengths and correctness (and HAPO its history)."""
+    --reward, which may read the group's lengths and correctness, and its state across steps if it has one."""
     flat = [(s, c) for s, group in zip(samples, completions) for c in group]
-    correct, grading = R.grade_batch(
+    correct, stats = grading.grade_batch(
         [c.text for _, c in flat],
         [s.problem.answer for s, _ in flat],
         [s.problem.multiple_choice for s, _ in flat],
@@ -186,13 +187,13 @@ def compute_rewards(samples: list[D.Sample], completions, cfg: Config, history: 
         g = R.Group(
             correct=correct[i * G : (i + 1) * G],
             lengths=[len(c.token_ids) for c in group],
-            boxed=[R.extract_answer(c.text) is not None for c in group],
+            boxed=[grading.extract_answer(c.text) is not None for c in group],
             target=s.target,
             mode=s.mode,
             limit=cfg.data.max_new_tokens,
             key=s.problem.id,
         )
-        b, ln = R.score_group(cfg.reward.reward, g, constants, history)
+        b, ln = R.score_group(cfg.reward.reward, g, constants, reward_state)
         groups.append(g)
         base.append(b)
         length.append(ln)
@@ -202,14 +203,14 @@ def compute_rewards(samples: list[D.Sample], completions, cfg: Config, history: 
         return torch.tensor(rows, dtype=torch.float32).view(shape)
 
     base, length = tensor(base), tensor(length)
-    return Scores(
+    return StepRewards(
         reward=base + length,
         length_term=length,
         correct=tensor(correct),
         length=tensor([g.lengths for g in groups]),
         repeats=tensor([R.repeats(c.token_ids) for group in completions for c in group]),
         groups=groups,
-        grading=grading,
+        grading=stats,
     )
 
 
@@ -382,7 +383,7 @@ def train(cfg: Config) -> None:
         saved = C.verify(resume_from)
         for change in C.check_config(saved["config"], cfg, dist_info.world_size, saved["world_size"]):
             log.warning("--resume from %s: %s", resume_from, change)
-    R.start_grader()  # the grading processes start while the models load
+    grading.start_grader()  # the grading processes start while the models load
 
     # Model, reference and optimizer. Every rank holds a shard; the engine holds its own full copy.
     bf16 = M.use_bf16(dist_info.device, cfg.model.dtype)  # bf16 compute over fp32 master weights (model.use_bf16)
@@ -410,11 +411,11 @@ def train(cfg: Config) -> None:
         vllm_gpu_memory_utilization=cfg.model.vllm_gpu_memory_utilization,
         vllm_kv_cache_bytes=int(cfg.model.vllm_kv_cache_gib * 2**30) or None,
     )
-    history = R.HapoHistory()  # the reward's state across steps (HAPO's; empty for the other rewards)
+    reward_state = R.REWARDS[cfg.reward.reward].new_state()  # its state across steps; None for most rewards
 
     start = 0
     if resume_from is not None:
-        start = int(C.load(resume_from, policy, optimizer, stream, history, dist_info)["step"])
+        start = int(C.load(resume_from, policy, optimizer, stream, reward_state, dist_info)["step"])
         log.warning("resumed from %s at step %d", resume_from, start)
         engine.load_weights(M.iter_full_state_dict(policy))
     if is_main:
@@ -445,7 +446,7 @@ def train(cfg: Config) -> None:
         t1 = time.perf_counter()
 
         # 3. Grade and score; 4. group-relative advantages.
-        scores = compute_rewards(samples, completions, cfg, history)
+        scores = compute_rewards(samples, completions, cfg, reward_state)
         rewards = scores.reward  # [P_rank, G]
         adv = group_advantages(rewards, cfg.grpo.std_normalize)
         keep = ~equal_reward_groups(rewards) if cfg.grpo.drop_equal_groups else torch.ones(len(samples), dtype=bool)
@@ -469,8 +470,8 @@ def train(cfg: Config) -> None:
         engine.wake_up(["weights"])
         engine.load_weights(M.iter_full_state_dict(policy))
         engine.wake_up(["kv_cache"])
-        if cfg.reward.reward == "hapo":  # the history takes this step's shortest correct lengths, over all ranks
-            history.update(_merge_min(history.shortest_correct(scores.groups), dist_info))
+        if reward_state is not None:  # it takes the step's groups, every rank's
+            reward_state.after_step(scores.groups, gather=lambda obj: _gather_objects(obj, dist_info))
         t4 = time.perf_counter()
 
         # Log, then checkpoint.
@@ -500,7 +501,7 @@ def train(cfg: Config) -> None:
         if dist_info.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if step % cfg.run.save_every == 0 or step == cfg.run.steps or flag.item():
-            path = C.save(step, policy, tokenizer, optimizer, stream, history, cfg, dist_info)
+            path = C.save(step, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info)
             if is_main:
                 pbar.write(f"saved {path}")
         if flag.item():
@@ -516,7 +517,7 @@ def train(cfg: Config) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Metrics: named sums over this rank, one all-reduce, then means.
 # ----------------------------------------------------------------------------------------------------
-def step_metrics(step: int, samples, completions, scores: Scores, stats: dict, dist_info, times: dict) -> dict:
+def step_metrics(step: int, samples, completions, scores: StepRewards, stats: dict, dist_info, times: dict) -> dict:
     """The step's metrics line. Every mean is a sum over all ranks divided by a count over all ranks, so the line
     is the same for any world size; adding a metric is a line in `sums` and a line in the returned dict."""
     lengths = scores.length
@@ -596,17 +597,13 @@ def reduce_named(values: dict, dist_info, op=dist.ReduceOp.SUM) -> dict[str, flo
     return dict(zip(values, packed.tolist()))
 
 
-def _merge_min(shortest: dict[str, int], dist_info) -> dict[str, int]:
-    """{problem: shortest correct length} of every rank, the minimum where two ranks saw the same problem."""
+def _gather_objects(obj, dist_info) -> list:
+    """Every rank's `obj` (picklable), in rank order."""
     if dist_info.world_size == 1:
-        return shortest
+        return [obj]
     parts = [None] * dist_info.world_size
-    dist.all_gather_object(parts, shortest)
-    merged: dict[str, int] = {}
-    for part in parts:
-        for key, n in part.items():
-            merged[key] = min(merged.get(key, n), n)
-    return merged
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def pearson_from_sums(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float | None:

@@ -1,8 +1,8 @@
-"""Grading throughput and time bounds (rewards.grade_batch): one grading child vs a pool of them.
+"""Grading throughput and time bounds (grading.grade_batch): one grading child vs a pool of them.
 
 Variants: `serial` (procs=1: one grading child, items one after another) and `pool` (procs=--procs, default
-rewards.default_procs()), both in this one process on the same pool (serial uses its first child only). The
-grading children are started and waited for first (`rewards.start_grader(wait=True)`, reported as start-up),
+grading.default_procs()), both in this one process on the same pool (serial uses its first child only). The
+grading children are started and waited for first (`grading.start_grader(wait=True)`, reported as start-up),
 then every corpus is graded in batches of --responses items (256 = the paper's 2,048 responses per step /
 8 ranks): --warmup untimed passes, then --iters timed ones, each batch by serial and by pool in turn (the order
 alternating from pass to pass), so that a change in the machine's load hits both alike.
@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import common
-import rewards
+import grading
 
 
 # ------------------------------------------------------------------------------------------------ corpora
@@ -210,7 +210,7 @@ def grade_corpus(corpus, args, variants: dict[str, int], fallback: bool) -> dict
         for batch in batches:
             for v in list(variants) if it % 2 == 0 else list(variants)[::-1]:
                 t0 = time.perf_counter()
-                res, st = rewards.grade_batch(
+                res, st = grading.grade_batch(
                     [r for r, _ in batch],
                     [g for _, g in batch],
                     procs=variants[v],
@@ -232,7 +232,7 @@ def measure(args) -> dict:
     """Both variants in this process: `serial` uses the pool's first child only, `pool` its first --procs."""
     variants = {"serial": 1, "pool": args.procs}
     t0 = time.perf_counter()
-    rewards.start_grader(args.procs, wait=True)
+    grading.start_grader(args.procs, wait=True)
     out = {v: {"variant": v, "procs": n, "corpora": {}} for v, n in variants.items()}
     out["pool"]["startup_s"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,7 +261,7 @@ def main():
     common.add_common_args(p)
     p.add_argument("--responses", type=int, default=256, help="items per batch (the paper's per-rank share)")
     p.add_argument("--adversarial", type=int, default=256, help="adversarial items")
-    p.add_argument("--procs", type=int, default=rewards.default_procs(), help="grading children of the pool variant")
+    p.add_argument("--procs", type=int, default=grading.default_procs(), help="grading children of the pool variant")
     p.add_argument("--deadline", type=float, default=None, help="grade_batch(deadline=...) per batch (default none)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

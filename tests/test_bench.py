@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import rewards
+import grading
 from conftest import HAS_VLLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_grading_throughput_serial_and_pool(tmp_path):
         assert r["procs"] == procs and r["payload_ran"] is False, r
         for name in ("real", "real-math500", "adversarial"):
             c = r["corpora"][name]
-            assert c["items"] == 8 and c["max_s"] < rewards.ITEM_TIMEOUT + 0.5 and c["left_per_pass"] == 0, (v, c)
+            assert c["items"] == 8 and c["max_s"] < grading.ITEM_TIMEOUT + 0.5 and c["left_per_pass"] == 0, (v, c)
     assert (
         res["results"]["serial"]["corpora"]["real"]["right_per_pass"]
         == (res["results"]["pool"]["corpora"]["real"]["right_per_pass"])

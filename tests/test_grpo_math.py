@@ -249,7 +249,8 @@ def test_cli_presets_and_bad_flags(capsys):
             "--reward lcpo-max scores the length against the prompt's target, and --target none writes no target",
         ),
         (["--target", "none"], "--reward lcpo scores"),  # plain GRPO is --reward correctness
-        (["--dapo-cache", "5000"], "--dapo-cache"),
+        (["--dapo-cache", "5000"], "--dapo-cache is a length in tokens: 0 (derived from --max-new-tokens) up to"),
+        (["--laser-budget", "-1"], "--laser-budget is a length in tokens"),
     ):
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -269,7 +270,11 @@ def test_cli_presets_and_bad_flags(capsys):
     ):  # rewards without a target run with prompts without one
         assert parse_args(["--reward", name, "--target", "none"]).reward.reward == name
     cfg = parse_args(["--reward", "laser", "--laser-budget", "64", "--laser-bonus", "0.25"])
-    assert cfg.reward.constants() == {"budget": 64, "bonus": 0.25}
+    assert cfg.reward.constants() == {"laser_budget": 64, "laser_bonus": 0.25}
+    # every reward constant is a flag with its function's default (rewards.py), and the presets set them
+    assert parse_args([]).reward.constants() == {"alpha_exact": 0.0003, "alpha_max": 0.001, "delta_max": 0.5}
+    logu = parse_args(["--preset", "smollm2-lcpo-cpu-logu"]).reward
+    assert (logu.alpha_exact, logu.alpha_max, logu.delta_max, logu.last_number_fallback) == (0.004, 0.004, 0.5, True)
 
 
 def test_help_says_what_each_flag_takes(capsys):
@@ -279,6 +284,9 @@ def test_help_says_what_each_flag_takes(capsys):
     assert '--target TARGET the prompt\'s sentence: exact ("Think for N tokens.") | max' in out
     assert "mixed (each prompt exact or max, 50/50: the L1-Max recipe) | none (no target) (default: exact)" in out
     assert "| grpo-lead | alp | hapo (default: lcpo)" in out and "--engine ENGINE rollout engine: auto" in out
+    # a reward constant's help: the rewards that read it and its docstring line in rewards.py
+    assert "--alpha-exact ALPHA_EXACT lcpo, lcpo-exact: reward lost per token off the target" in out
+    assert "--laser-budget LASER_BUDGET laser: the length L_T under which a correct answer earns the bonus" in out
 
 
 def test_pearson_from_sums_matches_numpy():

@@ -1,4 +1,4 @@
-"""rewards.py: LCPO rewards (exact values), answer extraction, equivalence, safety/time bounds, real gold answers."""
+"""grading.py: answer extraction, equivalence, multiple choice, safety and time bounds, real gold answers."""
 
 import json
 import multiprocessing
@@ -12,60 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import rewards
-from rewards import (
-    correctness_reward,
-    extract_answer,
-    grade,
-    is_correct,
-    lcpo_exact_reward,
-    lcpo_max_reward,
-    normalize_answer,
-)
-
-TIGHT = dict(abs=1e-12)
-
-
-# ------------------------------------------------------------------------------------------ length rewards
-def test_lcpo_max_reference_points():
-    b = 2000
-    assert lcpo_max_reward(True, b - 500, b) == pytest.approx(1.0, **TIGHT)  # 500 under
-    assert lcpo_max_reward(True, b, b) == pytest.approx(0.5, **TIGHT)  # at budget
-    assert lcpo_max_reward(True, b + 250, b) == pytest.approx(0.25, **TIGHT)  # 250 over
-    assert lcpo_max_reward(True, b + 500, b) == pytest.approx(0.0, **TIGHT)  # 500 over
-    assert lcpo_max_reward(True, b + 3000, b) == 0.0  # clipped at 0
-    for n_y in (b - 500, b, b + 250, b + 500, b + 3000, 1):
-        assert lcpo_max_reward(False, n_y, b) == 0.0
-
-
-def test_lcpo_exact_reference_points():
-    assert lcpo_exact_reward(True, 1500, 1500) == pytest.approx(1.0, **TIGHT)
-    assert lcpo_exact_reward(True, 2500, 1500) == pytest.approx(0.7, **TIGHT)
-    assert lcpo_exact_reward(True, 500, 1500) == pytest.approx(0.7, **TIGHT)  # symmetric
-    assert lcpo_exact_reward(False, 2500, 1500) == pytest.approx(-0.3, **TIGHT)
-    assert lcpo_exact_reward(False, 6500, 1500) == pytest.approx(-1.5, **TIGHT)  # no clipping
-    assert lcpo_exact_reward(True, 2500, 1500, alpha=1 / 3000) == pytest.approx(2 / 3, **TIGHT)  # original code
-
-
-def _one(correct, n, target, mode):
-    g = rewards.Group(correct=[correct], lengths=[n], boxed=[True], target=target, mode=mode, limit=10_000, key="p")
-    base, length = rewards.score_group("lcpo", g, dict(alpha_exact=0.0003, alpha_max=0.001, delta=0.5))
-    return base[0] + length[0]
-
-
-def test_correctness_and_dispatch():
-    """--reward lcpo scores each prompt by its own sentence (exact or max), as the L1-Max recipe's mixed prompts
-    need; it refuses a prompt without a target."""
-    assert correctness_reward(True) == 1.0 and correctness_reward(False) == 0.0
-    assert _one(True, 2500, 1500, "exact") == pytest.approx(0.7, **TIGHT)
-    assert _one(True, 2250, 2000, "max") == pytest.approx(0.25, **TIGHT)
-    assert _one(False, 2250, 2000, "max") == 0.0
-    g = rewards.Group(correct=[True], lengths=[9999], boxed=[True], target=None, mode="none", limit=10_000, key="p")
-    assert rewards.score_group("correctness", g, {}) == ([1.0], [0.0])
-    with pytest.raises(ValueError, match="--reward lcpo needs a target length in the prompt.*--target none"):
-        rewards.score_group("lcpo", g, {})
-    with pytest.raises(ValueError, match="--reward must be one of"):
-        rewards.score_group("shortest", g, {})
+import grading
+from grading import extract_answer, grade, is_correct, normalize_answer
 
 
 # --------------------------------------------------------------------------------------------- extraction
@@ -161,7 +109,7 @@ def test_normalize_answer():
     assert normalize_answer(r"\$1,000.") == "1000"
     assert normalize_answer(r"\left( 3, \frac{\pi}{2} \right)") == r"(3,\frac{\pi}{2})"
     assert normalize_answer(r"3 \text{ and } 5") == "3and5"  # words that are not a trailing unit stay
-    assert normalize_answer("x" * (rewards.MAX_ANSWER_CHARS + 1)) is None
+    assert normalize_answer("x" * (grading.MAX_ANSWER_CHARS + 1)) is None
 
 
 @pytest.mark.parametrize(
@@ -195,7 +143,7 @@ def test_multiple_choice(response, gold, expected):
     ],
 )
 def test_last_number(response, expected):
-    assert rewards.last_number(response) == expected
+    assert grading.last_number(response) == expected
 
 
 def test_last_number_fallback_only_when_asked_and_only_without_boxed():
@@ -273,7 +221,7 @@ def test_pathological_in_daemonic_worker(tmp_path):
 
 def test_hung_child_is_killed_within_timeout():
     assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")  # child is up (one item: the pool's first child)
-    child = rewards._POOL.children[0]
+    child = grading._POOL.children[0]
     pid = child.proc.pid
     os.kill(pid, signal.SIGSTOP)  # simulate a hang no in-child timer can interrupt
     t = time.monotonic()
@@ -283,14 +231,14 @@ def test_hung_child_is_killed_within_timeout():
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # and reaped
     assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}") is True  # graded once the replacement is ready
-    assert rewards._POOL.children[0].proc.pid != pid
+    assert grading._POOL.children[0].proc.pid != pid
 
 
 def test_grading_process_that_cannot_start_is_a_clear_error(monkeypatch):
     """A child that dies before "ready" (e.g. math-verify not importable) raises with its stderr, instead of
     grading every symbolic item wrong at the cost of one failed start each."""
     cmd = [sys.executable, "-c", "import sys; sys.stderr.write('No module named math_verify'); sys.exit(3)"]
-    monkeypatch.setattr(rewards, "_POOL", rewards._Pool(cmd))
+    monkeypatch.setattr(grading, "_POOL", grading._Pool(cmd))
     with pytest.raises(RuntimeError, match=r"exited with code 3 before it was ready:\nNo module named math_verify"):
         grade([r"\boxed{1+x}"], ["x+1"])
 
@@ -306,8 +254,8 @@ def test_grading_process_sees_the_parents_import_path(tmp_path, monkeypatch):
         "def verify(g, p, **kw): return True\n"
     )
     monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
-    pool = rewards._Pool()
-    monkeypatch.setattr(rewards, "_POOL", pool)
+    pool = grading._Pool()
+    monkeypatch.setattr(grading, "_POOL", pool)
     try:
         assert grade([r"\boxed{y}"], ["x+1"], timeout=5.0) == [True]  # the real math-verify says False
     finally:
@@ -317,16 +265,16 @@ def test_grading_process_sees_the_parents_import_path(tmp_path, monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/limits (Linux only)")
 def test_child_memory_limit():
     assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")
-    limits = Path(f"/proc/{rewards._POOL.children[0].proc.pid}/limits").read_text()
+    limits = Path(f"/proc/{grading._POOL.children[0].proc.pid}/limits").read_text()
     line = next(x for x in limits.splitlines() if x.startswith("Max address space"))
-    assert str(rewards.CHILD_MEMORY_BYTES) in line
+    assert str(grading.CHILD_MEMORY_BYTES) in line
 
 
 def test_audit_hook_policy():
-    rewards._audit("compile", (b"Integer (3 )", "<string>"))
-    rewards._audit("compile", (b"from sympy import *", "<string>"))
-    rewards._audit("compile", (b"x = 1", "/some/module.py"))  # imports from source
-    rewards._audit("open", ("/x.py", "r", os.O_RDONLY))
+    grading._audit("compile", (b"Integer (3 )", "<string>"))
+    grading._audit("compile", (b"from sympy import *", "<string>"))
+    grading._audit("compile", (b"x = 1", "/some/module.py"))  # imports from source
+    grading._audit("open", ("/x.py", "r", os.O_RDONLY))
     for event, args in [
         ("compile", (b"__import__('os').system('x')", "<string>")),
         ("compile", ("Integer(1).__class__", "<string>")),
@@ -335,23 +283,23 @@ def test_audit_hook_policy():
         ("open", ("/tmp/x", "w", os.O_WRONLY)),
     ]:
         with pytest.raises(PermissionError):
-            rewards._audit(event, args)
+            grading._audit(event, args)
 
 
 def test_latex_config_never_evals_model_text():
-    """The finding in rewards' docstring, checked: with LatexExtractionConfig, no string compiled by
+    """The finding in grading's docstring, checked: with LatexExtractionConfig, no string compiled by
     sympify/parse_expr contains the payload (recorded by an audit hook in a separate interpreter)."""
     code = r"""
-import json, sys, rewards
-rewards._symbolic_equal("3", "x + 0.5")  # lazy imports (namedtuples etc. compile '<string>' code) before recording
+import json, sys, grading
+grading._symbolic_equal("3", "x + 0.5")  # lazy imports (namedtuples etc. compile '<string>' code) before recording
 seen = []
 sys.addaudithook(lambda e, a: seen.append(str(a[0])) if e == "compile" and a[1] in ("<string>", b"<string>") else None)
 payloads = [r"__import__('os').system('true')", r"().__class__.__bases__[0].__subclasses__()", r"x.__class__"]
 for p in payloads + ["0.5", "7"]:
-    rewards._symbolic_equal("3", p)
+    grading._symbolic_equal("3", p)
 print(json.dumps(seen))
 """
-    env = dict(os.environ, PYTHONPATH=str(Path(rewards.__file__).parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(grading.__file__).parent))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen, "the hook recorded nothing: the check would be vacuous"  # sympy.Number's own numeric eval
@@ -359,10 +307,10 @@ print(json.dumps(seen))
 
 
 # ------------------------------------------------------------------------- the pool, its bounds, the deadline
-def _symbolic_only(golds, preds, timeout=rewards.ITEM_TIMEOUT, procs=None):
+def _symbolic_only(golds, preds, timeout=grading.ITEM_TIMEOUT, procs=None):
     """The symbolic path alone (the pool, no cheap path, no cost screen) on gold/pred pairs."""
-    stats = rewards.GradeStats(item_seconds=[0.0] * len(golds))
-    done = rewards._grade_symbolic(list(zip(range(len(golds)), golds, preds)), timeout, None, procs, stats)
+    stats = grading.GradeStats(item_seconds=[0.0] * len(golds))
+    done = grading._grade_symbolic(list(zip(range(len(golds)), golds, preds)), timeout, None, procs, stats)
     return [done.get(i, False) for i in range(len(golds))]
 
 
@@ -396,7 +344,7 @@ def _expected(items):
 
 def _grade_mixed(procs):
     responses, golds, mcs, _ = zip(*MIXED)
-    return rewards.grade_batch(list(responses), list(golds), list(mcs), procs=procs)
+    return grading.grade_batch(list(responses), list(golds), list(mcs), procs=procs)
 
 
 def test_pool_grades_like_serial():
@@ -409,7 +357,7 @@ def test_pool_grades_like_serial():
 def test_pathological_batch_is_wrong_and_the_rest_right():
     items = [(rf"\boxed{{{p}}}", "3", False, False) for p in ISSUE_PATHOLOGICAL] + MIXED
     responses, golds, mcs, _ = zip(*items)
-    res, stats = rewards.grade_batch(list(responses), list(golds), list(mcs))
+    res, stats = grading.grade_batch(list(responses), list(golds), list(mcs))
     assert res == _expected(items)
     assert stats.too_costly >= len(ISSUE_PATHOLOGICAL) - 2 and stats.left == 0
     assert stats.bounded == stats.too_costly + stats.timeouts
@@ -419,38 +367,38 @@ def test_deadline_marks_unfinished_items_wrong_and_counts_them():
     symbolic = [(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}"), (r"\boxed{2x}", r"x \cdot 2"), (r"\boxed{1+x}", "x+1")]
     responses = [r for r, _ in symbolic] + [r"\boxed{8.0}", "no boxed answer"]
     golds = [g for _, g in symbolic] + ["8", "8"]
-    res, stats = rewards.grade_batch(responses, golds, deadline=0.0)
+    res, stats = grading.grade_batch(responses, golds, deadline=0.0)
     assert res == [False, False, False, True, False]  # the cheap path still runs; the symbolic items are left
     assert (stats.symbolic, stats.left, stats.bounded) == (3, 3, 3)
 
     # Items in hung children at the deadline are left too; the children's late answers are not mistaken for the
     # next call's: that call's items are all wrong answers, and are graded wrong.
-    rewards.start_grader(2, wait=True)
-    pids = [c.proc.pid for c in rewards._POOL.children[:2]]
+    grading.start_grader(2, wait=True)
+    pids = [c.proc.pid for c in grading._POOL.children[:2]]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
-    res, stats = rewards.grade_batch(responses, golds, timeout=30.0, deadline=0.5, procs=2)
+    res, stats = grading.grade_batch(responses, golds, timeout=30.0, deadline=0.5, procs=2)
     for pid in pids:
         os.kill(pid, signal.SIGCONT)
     assert res == [False, False, False, True, False] and stats.left == 3
     wrong = [(r"\boxed{\sin(\pi/3)}", r"\frac{1}{2}"), (r"\boxed{2y}", r"x \cdot 2"), (r"\boxed{1-x}", "x+1")] * 2
     assert grade([r for r, _ in wrong], [g for _, g in wrong], procs=2) == [False] * 6
     assert grade(responses, golds, procs=2) == [True, True, True, True, False]
-    assert [c.proc.pid for c in rewards._POOL.children[:2]] == pids  # no restart was needed
+    assert [c.proc.pid for c in grading._POOL.children[:2]] == pids  # no restart was needed
 
 
 def test_children_killed_mid_batch_are_replaced_and_later_items_graded_right():
     """Child 0 hangs (killed at the per-item bound), child 1 dies mid-item (a crash): both items are wrong,
     both children are replaced, and every later item of the batch is graded right by the replacements."""
-    rewards.start_grader(2, wait=True)
-    c0, c1 = rewards._POOL.children[:2]
+    grading.start_grader(2, wait=True)
+    c0, c1 = grading._POOL.children[:2]
     pids = (c0.proc.pid, c1.proc.pid)
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     threading.Timer(0.3, os.kill, (pids[1], signal.SIGKILL)).start()
     items = [(r"\boxed{\sin(\pi/3)}", r"\frac{1}{2}", False, False), (r"\boxed{2y}", "2x", False, False)] + MIXED
     responses, golds, mcs, _ = zip(*items)
-    res, stats = rewards.grade_batch(list(responses), list(golds), list(mcs), timeout=1.0, procs=2)
+    res, stats = grading.grade_batch(list(responses), list(golds), list(mcs), timeout=1.0, procs=2)
     assert res == _expected(items)
     assert (stats.timeouts, stats.crashed, stats.left) == (1, 1, 0)
     assert c0.proc.pid not in pids and c1.proc.pid not in pids
@@ -472,10 +420,10 @@ def test_pool_from_a_thread():
 def test_pool_in_a_daemonic_worker(method):
     """In a pool worker (daemonic); a forked one starts its own grading processes and leaves the parent's alone."""
     assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}")
-    pid = rewards._POOL.children[0].proc.pid
+    pid = grading._POOL.children[0].proc.pid
     with multiprocessing.get_context(method).Pool(1) as pool:
         assert pool.apply_async(_grade_mixed_results, (2,)).get(120) == _expected(MIXED)
-    assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}") and rewards._POOL.children[0].proc.pid == pid
+    assert is_correct(r"\boxed{\sin(\pi/6)}", r"\frac{1}{2}") and grading._POOL.children[0].proc.pid == pid
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/limits (Linux only)")
@@ -483,31 +431,31 @@ def test_every_pool_child_is_sandboxed(tmp_path):
     """Every child has the rlimits, and none runs a payload: each child gets every payload itself."""
     marker = tmp_path / "pwned"
     payloads = [p[len(r"\boxed{") : -1] for p in _pathological(marker)[-4:]] + [r"\frac{1}{0}"]
-    rewards.start_grader(2, wait=True)
-    for child in rewards._POOL.children[:2]:
+    grading.start_grader(2, wait=True)
+    for child in grading._POOL.children[:2]:
         limits = Path(f"/proc/{child.proc.pid}/limits").read_text().splitlines()
-        assert str(rewards.CHILD_MEMORY_BYTES) in next(x for x in limits if x.startswith("Max address space"))
+        assert str(grading.CHILD_MEMORY_BYTES) in next(x for x in limits if x.startswith("Max address space"))
         assert next(x for x in limits if x.startswith("Max file size")).split()[3] == "0"
         items = [(i, "3", p) for i, p in enumerate(payloads)] + [(len(payloads), r"\frac{1}{2}", r"\sin(\pi/6)")]
-        stats = rewards.GradeStats(item_seconds=[0.0] * len(items))
-        with rewards._POOL.lock:
-            done = rewards._POOL.grade(items, 2.0, None, [child], stats)
+        stats = grading.GradeStats(item_seconds=[0.0] * len(items))
+        with grading._POOL.lock:
+            done = grading._POOL.grade(items, 2.0, None, [child], stats)
         assert [done[i] for i in range(len(items))] == [False] * len(payloads) + [True]
     assert not marker.exists()
 
 
 def test_a_child_whose_audit_hook_is_off_never_becomes_ready(monkeypatch):
     """The child checks its own hook before it reports ready: here sys.addaudithook is a no-op."""
-    root = str(Path(rewards.__file__).parent)
-    code = f"import sys; sys.path.insert(0, {root!r}); import rewards; sys.addaudithook = print; rewards._serve()"
-    monkeypatch.setattr(rewards, "_POOL", rewards._Pool([sys.executable, "-c", code]))
+    root = str(Path(grading.__file__).parent)
+    code = f"import sys; sys.path.insert(0, {root!r}); import grading; sys.addaudithook = print; grading._serve()"
+    monkeypatch.setattr(grading, "_POOL", grading._Pool([sys.executable, "-c", code]))
     with pytest.raises(RuntimeError, match="audit hook did not refuse"):
         grade([r"\boxed{1+x}"], ["x+1"])
 
 
 def test_cost_screen():
     for pred in ISSUE_PATHOLOGICAL[:-2] + [r"(x+1)^{100000}", r"2^{-10^{10}}", r"10!!", r"\lim_{n\to\infty} n"]:
-        assert rewards._too_costly("3", pred), pred
+        assert grading._too_costly("3", pred), pred
     for pred in [
         r"e^{-x^2}",
         r"2^{2023}",
@@ -521,15 +469,15 @@ def test_cost_screen():
         r"10,\!080",
         r"\sin^2 x",
     ]:
-        assert not rewards._too_costly("3", pred), pred
-    assert not rewards._too_costly(r"\int_0^1 x\,dx", r"\int_0^1 x dx")  # the gold has that operator too
+        assert not grading._too_costly("3", pred), pred
+    assert not grading._too_costly(r"\int_0^1 x\,dx", r"\int_0^1 x dx")  # the gold has that operator too
 
 
 def test_default_procs(monkeypatch):
     monkeypatch.delenv("LCPO_GRADER_PROCS", raising=False)
-    assert 1 <= rewards.default_procs() <= min(rewards.MAX_PROCS, len(os.sched_getaffinity(0)))
+    assert 1 <= grading.default_procs() <= min(grading.MAX_PROCS, len(os.sched_getaffinity(0)))
     monkeypatch.setenv("LCPO_GRADER_PROCS", "3")
-    assert rewards.default_procs() == 3
+    assert grading.default_procs() == 3
 
 
 # ---------------------------------------------------------------------------- real gold answers (done-criterion)
