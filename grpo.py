@@ -217,6 +217,84 @@ def compute_rewards(samples: list[D.Sample], completions, cfg: Config, reward_st
 # ----------------------------------------------------------------------------------------------------
 # The update.
 # ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossSettings:
+    """policy_loss's keyword settings, from the flags: one object for the update's loop."""
+
+    eps_low: float
+    eps_high: float
+    kl_coef: float
+    entropy_coef: float
+    agg: str  # --loss-agg
+    constant: float  # --loss-constant, 0 = --max-new-tokens
+    tis_cap: float
+
+    @classmethod
+    def of(cls, cfg: Config) -> LossSettings:
+        g = cfg.grpo
+        constant = g.loss_constant or cfg.data.max_new_tokens
+        return cls(g.eps_low, g.eps_high, g.kl_coef, g.entropy_coef, g.loss_agg, constant, g.tis_cap)
+
+
+class Forwards:
+    """Forward passes over one rank's episodes, which it names by their index in `episodes`."""
+
+    def __init__(self, episodes: list[Episode], cfg: Config, dist_info, packed: bool) -> None:
+        self.episodes, self.cfg, self.dist_info, self.packed = episodes, cfg, dist_info, packed
+
+    def micro_batches(self, indices) -> list[list[int]]:
+        """The episodes `indices` split into micro-batches that fit --tokens-per-microbatch, then empty ones up to
+        the largest count of any rank: every forward of a sharded model is a collective, so all ranks run as many."""
+        lengths = [len(self.episodes[i].prompt_ids) + len(self.episodes[i].response_ids) for i in indices]
+        groups = M.make_microbatches(lengths, self.cfg.model.tokens_per_microbatch, padded=not self.packed)
+        count = torch.tensor([len(groups)], device=self.dist_info.device)  # NCCL's collectives need it there
+        if self.dist_info.world_size > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return [[indices[j] for j in group] for group in groups] + [[] for _ in range(int(count) - len(groups))]
+
+    def logprobs(self, net, mb: list[int], grad: bool, entropy: bool = False):
+        """log-probs (and entropies) of the micro-batch's response tokens under `net`, flat [N]; an empty
+        micro-batch runs a dummy one-token sequence (it only joins the collectives)."""
+        seqs = [self.episodes[i] for i in mb] or [Episode([0], [0], 0.0, 0.0, None)]
+        with torch.set_grad_enabled(grad):
+            return M.response_logprobs(
+                net,
+                [e.prompt_ids + e.response_ids for e in seqs],
+                [len(e.prompt_ids) for e in seqs],
+                temperature=self.cfg.data.temperature,
+                packed=self.packed,
+                with_entropy=entropy,
+            )
+
+    def frozen(self, net, indices) -> list[torch.Tensor | None]:
+        """log-probs under a frozen `net` (no gradient), one tensor per episode, aligned with `episodes`: None for
+        an episode not in `indices`."""
+        out: list[torch.Tensor | None] = [None] * len(self.episodes)
+        for mb in self.micro_batches(indices):
+            lp, _ = self.logprobs(net, mb, grad=False)
+            if mb:  # an empty micro-batch only joins the collectives
+                for i, t in zip(mb, lp.split([len(self.episodes[i].response_ids) for i in mb])):
+                    out[i] = t
+        return out
+
+
+def frozen_logprobs(fwd: Forwards, policy, ref_policy, cfg: Config, per_mb: int) -> tuple[list, list]:
+    """The log-probs the update holds fixed, aligned with the episodes: pi_old's and the reference's, each a
+    tensor per episode or None where the update needs none.
+
+    pi_old is the policy before this batch's first optimizer step: a frozen pass for every episode trained after
+    that step (past the first mini-batch of `per_mb` episodes, and all of them with more than one epoch). The
+    reference (`ref_policy`, None without a KL term) for every episode. The passes run in this order on every rank
+    (their forwards are collectives)."""
+    g, n = cfg.grpo, len(fwd.episodes)
+    old, ref = [None] * n, [None] * n
+    if g.minibatches * g.epochs > 1:  # the same on every rank
+        old = fwd.frozen(policy, range(per_mb if g.epochs == 1 else 0, n))
+    if ref_policy is not None:
+        ref = fwd.frozen(ref_policy, range(n))
+    return old, ref
+
+
 def update_policy(
     policy, ref_policy, optimizer, episodes: list[Episode], cfg: Config, dist_info, packed: bool, step: int = 0
 ) -> dict:
@@ -226,92 +304,44 @@ def update_policy(
     a rank with fewer pads with an empty one (a forward on a dummy token whose loss is multiplied by 0).
     Returns metrics summed over this rank's tokens.
     """
-    g, world, device = cfg.grpo, dist_info.world_size, dist_info.device  # collectives need tensors there (NCCL)
+    g, device = cfg.grpo, dist_info.device
     stats = {k: 0.0 for k in ("clip_frac", "kl", "entropy", "pg_loss", "tokens", "grad_norm", "tis_mismatch")}
     stats.update(ratio_min=float("inf"), ratio_max=0.0)
-    # pi_old is the policy before this batch's first optimizer step. Until that step it is the current policy, so
-    # old_logp = logp.detach() exactly: a frozen pass is needed only for what is trained after it.
-    per_mb = math.ceil(len(episodes) / g.minibatches)
-    several = g.minibatches * g.epochs > 1  # the same on every rank: each forward is a collective
-    frozen = episodes[per_mb:] if g.epochs == 1 else episodes
-    dummy = Episode([0], [0], 0.0, 0.0, None)
-
-    def micro(batch):  # micro-batches by a per-GPU token budget, the same count on every rank
-        idx = M.make_microbatches(
-            [len(e.prompt_ids) + len(e.response_ids) for e in batch], cfg.model.tokens_per_microbatch, padded=not packed
-        )
-        n = torch.tensor([len(idx)], device=device)
-        if world > 1:
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        return [[batch[i] for i in b] for b in idx] + [[] for _ in range(int(n) - len(idx))]
-
-    def logprobs(net, mb, grad: bool, entropy=False):  # flat [N] over the response tokens of mb
-        mb = mb or [dummy]
-        with torch.set_grad_enabled(grad):
-            return M.response_logprobs(
-                net,
-                [e.prompt_ids + e.response_ids for e in mb],
-                [len(e.prompt_ids) for e in mb],
-                temperature=cfg.data.temperature,
-                packed=packed,
-                with_entropy=entropy,
-            )
-
-    # Frozen log-probs first: pi_old (for the later mini-batches) and the reference, keyed by episode.
-    old, ref = {}, {}
-    for net, batch, store in ((policy if several else None, frozen, old), (ref_policy, episodes, ref)):
-        if net is None:
-            continue
-        for mb in micro(batch):
-            lp, _ = logprobs(net, mb, grad=False)
-            if mb:  # (an empty, padding micro-batch only joins the collectives)
-                for e, t in zip(mb, lp.split([len(e.response_ids) for e in mb])):
-                    store[id(e)] = t
-
+    fwd, loss_cfg = Forwards(episodes, cfg, dist_info, packed), asdict(LossSettings.of(cfg))
+    per_mb = math.ceil(len(episodes) / g.minibatches)  # episodes per mini-batch
+    old, ref = frozen_logprobs(fwd, policy, ref_policy, cfg, per_mb)
     for _ in range(g.epochs):
         for k in range(g.minibatches):
-            mbatch = episodes[k * per_mb : (k + 1) * per_mb]
+            mbatch = range(k * per_mb, min((k + 1) * per_mb, len(episodes)))
             # Global counts of this mini-batch (all ranks), so every rank's loss has the same normalizer.
             counts = torch.tensor(
-                [len(mbatch), sum(len(e.response_ids) for e in mbatch)], dtype=torch.float64, device=device
+                [len(mbatch), sum(len(episodes[i].response_ids) for i in mbatch)], dtype=torch.float64, device=device
             )
-            if world > 1:
+            if dist_info.world_size > 1:
                 dist.all_reduce(counts)
-            num_seqs, num_tokens = int(counts[0]), int(counts[1])
-            if num_tokens == 0:  # every group dropped on every rank: nothing to learn from
+            totals = dict(num_seqs=int(counts[0]), num_tokens=int(counts[1]))  # policy_loss's normalizers
+            if totals["num_tokens"] == 0:  # every group dropped on every rank: nothing to learn from
                 continue
             optimizer.zero_grad(set_to_none=True)
-            for mb in micro(mbatch):
-                logp, ent = logprobs(policy, mb, grad=True, entropy=g.entropy_coef != 0)  # [N]
+            for mb in fwd.micro_batches(mbatch):
+                logp, ent = fwd.logprobs(policy, mb, grad=True, entropy=g.entropy_coef != 0)  # [N]
                 if not mb:  # padding micro-batch: join the collectives, contribute nothing
                     (logp.sum() * 0).backward()
                     continue
-                lens = torch.tensor([len(e.response_ids) for e in mb])
-                seq_ids = torch.repeat_interleave(torch.arange(len(mb)), lens).to(logp.device)
-                adv = torch.repeat_interleave(torch.tensor([e.advantage for e in mb]), lens).to(logp.device)
-                old_lp = torch.cat([old[id(e)] for e in mb]) if id(mb[0]) in old else logp.detach()
-                ref_lp = torch.cat([ref[id(e)] for e in mb]) if ref_policy is not None else None
+                eps = [episodes[i] for i in mb]
+                lens = torch.tensor([len(e.response_ids) for e in eps])
+                seq_ids = torch.repeat_interleave(torch.arange(len(eps)), lens).to(logp.device)
+                adv = torch.repeat_interleave(torch.tensor([e.advantage for e in eps]), lens).to(logp.device)
+                # pi_old: before the batch's first optimizer step it is the policy itself, so logp.detach() is it
+                # exactly; after that step, the frozen pass's (frozen_logprobs).
+                old_lp = logp.detach() if old[mb[0]] is None else torch.cat([old[i] for i in mb])
+                ref_lp = torch.cat([ref[i] for i in mb]) if ref_policy is not None else None
                 roll = None
-                if all(e.rollout_logp is not None for e in mb):
-                    roll = torch.tensor([x for e in mb for x in e.rollout_logp], device=logp.device)
+                if all(e.rollout_logp is not None for e in eps):
+                    roll = torch.tensor([x for e in eps for x in e.rollout_logp], device=logp.device)
                     stats["tis_mismatch"] += (old_lp - roll).abs().sum().item()
                 loss, m = policy_loss(
-                    logp,
-                    old_lp,
-                    adv,
-                    seq_ids,
-                    num_seqs=num_seqs,
-                    num_tokens=num_tokens,
-                    ref_logp=ref_lp,
-                    entropy=ent,
-                    rollout_logp=roll,
-                    eps_low=g.eps_low,
-                    eps_high=g.eps_high,
-                    kl_coef=g.kl_coef,
-                    entropy_coef=g.entropy_coef,
-                    agg=g.loss_agg,
-                    constant=g.loss_constant or cfg.data.max_new_tokens,
-                    tis_cap=g.tis_cap,
+                    logp, old_lp, adv, seq_ids, ref_logp=ref_lp, entropy=ent, rollout_logp=roll, **totals, **loss_cfg
                 )
                 loss.backward()  # summed over ranks by FSDP (model.shard_model): the loss is a global mean
                 for key in ("clip_frac", "kl", "entropy", "pg_loss"):
