@@ -265,28 +265,16 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
 def validate(cfg: Config) -> None:
     """Every check names its flag; a ValueError here is an argparse error (exit code 2)."""
     d, r, g, m = cfg.data, cfg.reward, cfg.grpo, cfg.model
-    span = d.target_max - d.target_min + 1
+    # --target, --target-min/--target-max, --target-dist, --targets-per-problem: data.py's rules, which name them
+    D.check_targets(d.target_min, d.target_max, d.target_dist, d.targets_per_problem, d.target)
     chosen = R.REWARDS.get(r.reward)
     checks = [
-        (d.target in ("exact", "max", "mixed", "none"), f"--target must be exact|max|mixed|none, got {d.target!r}"),
-        (
-            d.target_dist in D.TARGET_DISTS,
-            f"--target-dist must be {'|'.join(D.TARGET_DISTS)}, got {d.target_dist!r}",
-        ),
         (chosen is not None, f"--reward must be one of {'|'.join(R.REWARDS)}, got {r.reward!r}"),
         (
             not (chosen and chosen.needs_target and d.target == "none"),
             f"--reward {r.reward} scores the length against the prompt's target, and --target none writes no target "
             "in the prompt: use --target exact|max|mixed, or --reward correctness (plain GRPO) or a reward without "
             "a target",
-        ),
-        (
-            1 <= d.target_min <= d.target_max,
-            f"--target-min/--target-max must satisfy 1 <= min <= max, got {d.target_min}..{d.target_max}",
-        ),
-        (
-            1 <= d.targets_per_problem <= span,
-            f"--targets-per-problem must be in 1..{span}, got {d.targets_per_problem}",
         ),
         (
             g.prompts_per_step % d.targets_per_problem == 0,

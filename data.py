@@ -304,6 +304,21 @@ def arithmetic_problems(
 
 
 # -------------------------------------------------------------------------------------- targets, prompts
+def check_targets(lo: int, hi: int, dist: str = "uniform", per_problem: int = 1, mode: str = "exact") -> None:
+    """The target settings' rules, each a ValueError naming its flag: config.validate checks the command line with
+    it, and TargetSampler and PromptStream their arguments."""
+    if mode not in MODES:
+        raise ValueError(f"--target must be {'|'.join(MODES)}, got {mode!r}")
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--target-min/--target-max must satisfy 1 <= min <= max, got {lo}..{hi}")
+    if dist not in TARGET_DISTS:
+        raise ValueError(f"--target-dist must be {'|'.join(TARGET_DISTS)}, got {dist!r}")
+    if not 1 <= per_problem <= hi - lo + 1:
+        raise ValueError(
+            f"--targets-per-problem must be in 1..{hi - lo + 1} (the size of the target range), got {per_problem}"
+        )
+
+
 @dataclass
 class TargetSampler:
     """Target lengths n_gold in lo..hi, drawn afresh per use from a seeded `random.Random`.
@@ -320,12 +335,7 @@ class TargetSampler:
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self):
-        if not (1 <= self.lo <= self.hi):
-            raise ValueError(
-                f"bad target range lo={self.lo}, hi={self.hi} (--target-min/--target-max): need 1 <= lo <= hi"
-            )
-        if self.dist not in TARGET_DISTS:
-            raise ValueError(f"unknown target distribution {self.dist!r} (--target-dist): expected uniform|log-uniform")
+        check_targets(self.lo, self.hi, self.dist)
         self._rng = random.Random(self.seed)
 
     def _draw(self, a: float, b: float) -> int:
@@ -370,8 +380,8 @@ def prompt_text(problem: Problem, target: int | None, mode: str) -> str:
         return text
     if mode not in ("exact", "max"):
         raise ValueError(
-            f"unknown prompt mode {mode!r} (--mode); expected one of exact, max, none "
-            "('mixed' is resolved per prompt by PromptStream)"
+            f"unknown prompt mode {mode!r}: expected exact, max or none (PromptStream turns --target mixed into "
+            "exact or max per prompt)"
         )
     if target is None or target < 1:
         raise ValueError(f"mode {mode!r} needs a positive target length, got {target!r}")
@@ -411,13 +421,7 @@ class PromptStream:
         targets_per_problem: int = 1,
         target_dist: str = "uniform",
     ):
-        if not 1 <= targets_per_problem <= target_hi - target_lo + 1:
-            raise ValueError(
-                f"--targets-per-problem must be in 1..{target_hi - target_lo + 1} (the size of the "
-                f"target range), got {targets_per_problem}"
-            )
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r} (--target / --mode); expected one of {', '.join(MODES)}")
+        check_targets(target_lo, target_hi, target_dist, targets_per_problem, mode)
         if not problems:
             raise ValueError("PromptStream: no problems (empty dataset)")
         self.problems, self.mode, self.seed = list(problems), mode, seed

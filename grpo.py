@@ -374,7 +374,7 @@ def train(cfg: Config) -> None:
     dist_info = M.init_distributed()
     torch.manual_seed(cfg.run.seed + dist_info.rank)
     random.seed(cfg.run.seed + dist_info.rank)
-    is_main = dist_info.rank == 0
+    is_main = dist_info.is_main
     log.info(
         "rank %d: device %s, cores %s, %d torch threads",
         dist_info.rank,
@@ -398,7 +398,7 @@ def train(cfg: Config) -> None:
         seed=cfg.run.seed,
         skip_bad=cfg.data.skip_bad,
     )
-    problems = _fitting(problems, tokenizer, cfg)
+    problems = _drop_prompts_over_limit(problems, tokenizer, cfg)
     # Every rank runs the same seeded stream and takes its own slice of each global batch.
     stream = D.PromptStream(
         problems,
@@ -517,12 +517,6 @@ def train(cfg: Config) -> None:
         if is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            pbar.set_postfix(
-                reward=f"{metrics['reward']:.3f}",
-                acc=f"{metrics['accuracy']:.2f}",
-                len=f"{metrics['response_len']:.0f}",
-                rel_dev=f"{metrics['rel_len_dev']:.2f}",
-            )
             pbar.update(1)
             pbar.write(_summary(metrics))
         fault_point("metrics", step)  # (crash tests: the step is logged, its checkpoint not written)
@@ -654,8 +648,9 @@ def _prompt_ids(tokenizer, prompt: str, limit: int) -> list[int]:
     return ids
 
 
-def _fitting(problems, tokenizer, cfg: Config):
-    """Drop problems whose prompt (at the longest target) exceeds --max-prompt-tokens, saying how many."""
+def _drop_prompts_over_limit(problems, tokenizer, cfg: Config):
+    """The problems whose prompt, with the longest target sentence, fits in --max-prompt-tokens; logs how many were
+    dropped, and raises if none is left."""
     mode = "max" if cfg.data.target in ("max", "mixed") else cfg.data.target  # "maximum" is the longest sentence
     target = cfg.data.target_max if mode != "none" else None
     kept = [
