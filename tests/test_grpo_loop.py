@@ -41,22 +41,8 @@ def _update_worker(dist_info, model_dir, out_file):
     import model as M
     from grpo import parse_args, update_policy
 
-    cfg = parse_args(
-        [
-            "--lr",
-            "1e-2",
-            "--minibatches",
-            "2",
-            "--tokens-per-microbatch",
-            "24",
-            "--kl-coef",
-            "0.1",
-            "--entropy-coef",
-            "0.01",
-            "--tis-cap",
-            "0",
-        ]
-    )
+    flags = "--lr 1e-2 --minibatches 2 --tokens-per-microbatch 24 --kl-coef 0.1 --entropy-coef 0.01 --tis-cap 0"
+    cfg = parse_args(flags.split())
     policy = M.shard_model(M.load_model(model_dir), mixed_precision=False)
     ref = M.shard_model(M.load_model(model_dir), mixed_precision=False)
     ref.requires_grad_(False)
@@ -237,19 +223,8 @@ def test_resume_matches_uninterrupted_run_two_processes(engine, request, tmp_pat
 
 def test_sigterm_saves_and_exits(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(ROOT / "grpo.py"),
-        *TINY,
-        "--model",
-        tiny_model_dir,
-        "--steps",
-        "500",
-        "--save-every",
-        "1000",
-        "--out",
-        str(out),
-    ]
+    flags = ["--model", tiny_model_dir, *"--steps 500 --save-every 1000".split(), "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "grpo.py"), *TINY, *flags]
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and _metrics(out)):
@@ -269,38 +244,14 @@ def test_real_run_on_embedded_model_writes_loadable_checkpoint(embedded_model_di
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "smol"
-    cmd = [
-        sys.executable,
-        str(ROOT / "grpo.py"),
-        "--preset",
-        "smollm2-cpu",
-        "--steps",
-        "1",
-        "--prompts-per-step",
-        "2",
-        "--group-size",
-        "2",
-        "--max-new-tokens",
-        "24",
-        "--out",
-        str(out),
-    ]
+    flags = "--preset smollm2-cpu --steps 1 --prompts-per-step 2 --group-size 2 --max-new-tokens 24".split()
+    cmd = [sys.executable, str(ROOT / "grpo.py"), *flags, "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (m,) = _metrics(out)
     assert m["step"] == 1 and 1 <= m["response_len"] <= 24 and m["kl"] >= 0
-    for key in (
-        "reward",
-        "accuracy",
-        "rel_len_dev",
-        "clip_frac",
-        "entropy",
-        "grad_norm",
-        "time_generate",
-        "time_train",
-        "time_sync",
-        "time_score",
-    ):
+    keys = "reward accuracy rel_len_dev clip_frac entropy grad_norm time_generate time_train time_sync time_score"
+    for key in keys.split():
         assert key in m
     ckpt = out / "checkpoints" / "step_000001" / "model"
     loaded = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -369,23 +320,10 @@ def test_every_reward_trains_a_step_on_real_generations(embedded_model_dir, tiny
     policy = M.shard_model(M.load_model(tiny_model_dir), mixed_precision=bf16)
     optimizer = torch.optim.SGD(policy.parameters(), lr=1e-4)
     engine = rollout.HFEngine(embedded_model_dir, batch_size=8)
-    common = [
-        "--target",
-        "exact",
-        "--max-new-tokens",
-        "16",
-        "--prompts-per-step",
-        "1",
-        "--group-size",
-        "4",
-        "--minibatches",
-        "1",
-        "--kl-coef",
-        "0",
-        "--last-number-fallback",
-        "--tokens-per-microbatch",
-        "4096",
-    ]
+    common = (
+        "--target exact --max-new-tokens 16 --prompts-per-step 1 --group-size 4 --minibatches 1 --kl-coef 0 "
+        "--last-number-fallback --tokens-per-microbatch 4096"
+    ).split()
     stream = D.PromptStream(D.load_problems("arith", split="test", limit=8), target_lo=8, target_hi=32, seed=1)
     samples = stream.next_batch(1, tok)
     prompts = [tok(s.prompt, add_special_tokens=False)["input_ids"] for s in samples]
@@ -438,24 +376,10 @@ def test_checkpoint_keeps_the_reward_state(tiny_model_dir, tmp_path):
 def test_vllm_kv_cache_too_small_names_the_flags(tiny_vllm_model_dir, tmp_path):
     """A KV cache that cannot hold one prompt + --max-new-tokens sequence stops the run at start-up, naming the
     flags."""
+    flags = "--steps 1 --engine vllm --max-new-tokens 200 --vllm-kv-cache-gib 0.00001".split()
+    flags += ["--model", tiny_vllm_model_dir, "--out", str(tmp_path / "run")]
     r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "grpo.py"),
-            *TINY,
-            "--model",
-            tiny_vllm_model_dir,
-            "--steps",
-            "1",
-            "--engine",
-            "vllm",
-            "--max-new-tokens",
-            "200",
-            "--vllm-kv-cache-gib",
-            "0.00001",
-            "--out",
-            str(tmp_path / "run"),
-        ],
+        [sys.executable, str(ROOT / "grpo.py"), *TINY, *flags],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -471,40 +395,14 @@ def test_vllm_kv_cache_too_small_names_the_flags(tiny_vllm_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "extra",
     [
-        [
-            "--target",
-            "mixed",
-            "--kl-coef",
-            "0",
-            "--loss-agg",
-            "seq-mean-token-mean",
-            "--drop-equal-groups",
-            "--eps-high",
-            "0.28",
-            "--no-std-normalize",
-            "--tis-cap",
-            "0",
-            "--targets-per-problem",
-            "2",
-            "--dtype",
-            "float32",
-        ],
-        [
-            "--target",
-            "none",
-            "--reward",
-            "correctness",
-            "--loss-agg",
-            "constant",
-            "--entropy-coef",
-            "0",
-            "--minibatches",
-            "1",
-            "--packed",
-            "on",
-            "--dtype",
-            "bfloat16",
-        ],
+        (
+            "--target mixed --kl-coef 0 --loss-agg seq-mean-token-mean --drop-equal-groups --eps-high 0.28 "
+            "--no-std-normalize --tis-cap 0 --targets-per-problem 2 --dtype float32"
+        ).split(),
+        (
+            "--target none --reward correctness --loss-agg constant --entropy-coef 0 --minibatches 1 --packed on "
+            "--dtype bfloat16"
+        ).split(),
     ],
 )
 def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
@@ -512,19 +410,9 @@ def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
     clip-higher, dropping equal groups, plain GRPO, packed rows on CPU, either compute dtype on CPU) run the real
     loop and log a step."""
     out = tmp_path / "run"
+    flags = ["--model", tiny_model_dir, "--steps", "1", "--out", str(out), *extra]
     r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "grpo.py"),
-            *TINY,
-            "--model",
-            tiny_model_dir,
-            "--steps",
-            "1",
-            "--out",
-            str(out),
-            *extra,
-        ],
+        [sys.executable, str(ROOT / "grpo.py"), *TINY, *flags],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
