@@ -384,11 +384,7 @@ def train(cfg: Config) -> None:
     )
 
     # Data, checked before anything is written: bad input stops here, and --out keeps what it had.
-    model_dir = M.resolve_model(cfg.model.model) if is_main else None
-    if dist_info.world_size > 1:  # rank 0 converts the embedded model once; the others read its directory
-        holder = [model_dir]
-        dist.broadcast_object_list(holder, src=0)
-        model_dir = holder[0]
+    model_dir = M.resolve_model_on_every_rank(cfg.model.model, dist_info.local_rank)  # each node into its own cache
     tokenizer = M.load_tokenizer(model_dir)
     problems = D.load_problems(
         cfg.data.data,

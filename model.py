@@ -10,6 +10,7 @@ from __future__ import annotations
 # Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
 # matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
 import ctypes
+import datetime
 import functools
 import importlib.util
 import inspect
@@ -115,6 +116,18 @@ def resolve_model(name_or_path: str) -> str:
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
         return name_or_path
     raise FileNotFoundError(f"model path {name_or_path} does not exist (and is not a hub id 'org/name')")
+
+
+def resolve_model_on_every_rank(name_or_path: str, local_rank: int) -> str:
+    """`resolve_model` on every rank, each node into its own cache (`LCPO_CACHE`, else ~/.cache/lcpo): no disk is
+    assumed shared between nodes, so no rank is handed a path that exists only on another node. On each node its
+    local rank 0 resolves first (converting a GGUF once for the node) and the other ranks, after a barrier, find
+    its directory. Nodes that do share the cache may convert at the same time: `_convert_gguf` renames into place.
+    A collective when a process group of several ranks exists: every rank calls it."""
+    model_dir = resolve_model(name_or_path) if local_rank == 0 else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return model_dir or resolve_model(name_or_path)
 
 
 def load_tokenizer(name_or_path: str):
@@ -270,13 +283,37 @@ class DistInfo:
         return self.rank == 0
 
 
+DIST_TIMEOUT_ENV = "LCPO_DIST_TIMEOUT"  # seconds
+DEFAULT_DIST_TIMEOUT = 600
+
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a rank waits for the others at a collective before it fails: $LCPO_DIST_TIMEOUT seconds, default
+    600 (torch's own defaults are 30 minutes for gloo and 10 for NCCL). It bounds how long the surviving ranks run
+    on when a rank or a node dies or hangs, and it must exceed the longest time one rank can legitimately wait for
+    another: a step's generation on the slowest rank (its responses may all be longer) plus rank 0 writing a
+    checkpoint. 600 s is several times a step of the CPU presets; raise it for long responses on slow machines."""
+    raw = os.environ.get(DIST_TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else DEFAULT_DIST_TIMEOUT
+    except ValueError:
+        seconds = -1
+    if not seconds > 0:
+        raise ValueError(f"{DIST_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
 def init_distributed() -> DistInfo:
-    """Join (or create) the default process group: nccl on GPU, gloo on CPU.
+    """Join (or create) the default process group: nccl on GPU, gloo on CPU, with the timeout of `dist_timeout`.
 
     Under torchrun the env vars (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_*) drive it. Without
     torchrun we still create a single-process group on an in-memory HashStore (no port needed), so FSDP2 and every
     collective run on exactly the same code path for world size 1 and N. On CPU, several ranks of one machine each
     get their own cores first (`bind_cpu_threads`).
+    When a rank's process dies on a machine that stays up, its sockets close and gloo's ranks fail at their next
+    collective at once. Otherwise (NCCL, a hung rank, a node gone from the network) they fail after the timeout:
+    gloo raises in the waiting call, NCCL's watchdog ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by
+    default). torchrun then stops the other ranks of that node.
     """
     cuda = torch.cuda.is_available()
     rank = int(os.environ.get("RANK", 0))
@@ -288,13 +325,13 @@ def init_distributed() -> DistInfo:
     elif not dist.is_initialized():
         bind_cpu_threads(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
+        backend, timeout = "nccl" if cuda else "gloo", dist_timeout()
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size)
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         else:
             if world_size != 1:
                 raise RuntimeError(f"WORLD_SIZE={world_size} but MASTER_ADDR is unset: launch with torchrun")
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
