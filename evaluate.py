@@ -663,12 +663,11 @@ def main(argv=None) -> dict | None:
     methods = ([] if cfg.baseline_only else [cfg.target]) + ([cfg.baseline] if cfg.baseline != "none" else [])
     records, model_dirs, engine, engine_arch = [], {}, None, None
     for name, label in zip(cfg.models, cfg.labels):
-        model_dirs[label] = model_dir = M.resolve_model(name)
+        model_dirs[label] = model_dir = M.resolve_model_on_every_rank(name, dist_info.local_rank)
         tokenizer = M.load_tokenizer(model_dir)
         arch = _architecture(model_dir)
         if engine is not None and arch is not None and arch == engine_arch:
-            # Same shapes: push the next checkpoint's weights into the live engine (vLLM allows one engine with
-            # sleep mode per process, and it is faster than building a new one).
+            # Same shapes: push the next checkpoint's weights into the live engine (faster than building one).
             engine.load_weights(M.read_safetensors(model_dir).items())
         else:
             if engine is not None:
@@ -687,6 +686,9 @@ def main(argv=None) -> dict | None:
                 max_num_seqs=max(1, max_seqs),
                 vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                 vllm_kv_cache_bytes=int(cfg.vllm_kv_cache_gib * 2**30) or None,
+                # Another architecture needs another engine in this process; vLLM's sleep mode allows only one per
+                # process (rollout.VLLMEngine), and evaluation has no trainer to make room for.
+                vllm_sleep_mode=False,
             )
             engine_arch = arch
         for method in methods:
