@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import data
+import grading
 import model as M
 import rewards
 import rollout
@@ -391,7 +392,7 @@ def evaluate_model(
                         (i, p, prompt, k, c.text, len(c.token_ids), 0, c.finish_reason, 0, rewards.repeats(c.token_ids))
                         for k, c in enumerate(cs)
                     ]
-            correct = rewards.grade(
+            correct = grading.grade(
                 [r[4] for r in rows],
                 [r[1].answer for r in rows],
                 [r[1].multiple_choice for r in rows],
