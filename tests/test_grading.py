@@ -244,7 +244,7 @@ def test_grading_process_that_cannot_start_is_a_clear_error(monkeypatch):
 
 
 def test_grading_process_sees_the_parents_import_path(tmp_path, monkeypatch):
-    """`python -I` ignores PYTHONPATH (packages installed with pip --target, as on the GPU machine): the child
+    """`python -I` ignores PYTHONPATH (packages installed with pip --target): the child
     gets the parent's sys.path. A stand-in math_verify first on the parent's path calls everything equal."""
     fake = tmp_path / "math_verify"
     fake.mkdir()

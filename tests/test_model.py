@@ -212,7 +212,7 @@ def test_torch_varlen_gets_sequence_boundaries_once_and_handles_batches(monkeypa
 def test_torch_varlen_call_for_each_torch_api(monkeypatch):
     """The arguments _torch_varlen passes to varlen_attn, with stand-ins of its signatures (the real kernel is
     CUDA only): torch 2.13 (scale, window_size=(-1, 0), enable_gqa), torch 2.11 (scale and window_size, no
-    enable_gqa: the TypeError seen on the GPU machine) and torch 2.10 (is_causal only)."""
+    enable_gqa: a TypeError there) and torch 2.10 (is_causal only)."""
     import torch.nn.attention.varlen as V
 
     calls = []
