@@ -125,44 +125,53 @@ class Config:
 # Small configurations of the same code, by field name.
 PRESETS = {
     "paper": {},
-    # `make train`: the embedded model on the built-in task, 8 steps on 2 CPU cores (a smoke run of the real loop).
+    # `make train`: the embedded model on the built-in task, 10 steps of 8 prompts x 4 responses on 2 CPU cores, the
+    # CPU recipe's reward scale, learning rate and targets (log-uniform 16..256, evaluated at 32 / 64 / 128).
     "smollm2-cpu": dict(
         model="smollm2",
         data="arith",
-        target_min=32,
-        target_max=192,
+        target_min=16,
+        target_max=256,
+        target_dist="log-uniform",
         max_prompt_tokens=256,
-        max_new_tokens=160,
+        max_new_tokens=320,
         prompts_per_step=8,
+        targets_per_problem=2,
         group_size=4,
         minibatches=1,
-        lr=2e-6,
+        lr=2e-5,
+        alpha_exact=0.004,
+        alpha_max=0.004,
+        last_number_fallback=True,
         tokens_per_microbatch=4096,
-        steps=8,
-        save_every=4,
+        steps=10,
+        save_every=5,
         out="runs/smollm2-cpu",
     ),
 }
-# The CPU-sized LCPO recipe: targets 32..128, 4 prompts x 8 responses, lr 2e-5, no KL (results/lcpo-smollm2-cpu/
-# ran it with 16 prompts per step).
+# The CPU-sized LCPO recipe of results/lcpo-smollm2-cpu/ (which ran it with 16 prompts per step, 4 targets each):
+# targets uniform in 32..128, 4 prompts x 8 responses, lr 2e-5, alpha 0.008, no KL.
 PRESETS["smollm2-lcpo-cpu"] = dict(
     PRESETS["smollm2-cpu"],
     target_min=32,
     target_max=128,
+    target_dist="uniform",
     max_new_tokens=192,
     prompts_per_step=4,
+    targets_per_problem=1,
     group_size=8,
     lr=2e-5,
     alpha_exact=0.008,
     alpha_max=0.008,
+    last_number_fallback=False,
     kl_coef=0.0,
     steps=45,
     save_every=5,
     out="runs/cpu-exact",
 )
-# The CPU recipe for length control at every budget (results/lcpo-smollm2-cpu-logu/): budgets 32..256 inside a
-# log-uniform target range 16..384 (as many targets per doubling of the length), the paper's KL of 0.001,
-# 16 prompts (4 problems x 4 targets) x 8 responses, two updates per batch.
+# The CPU recipe for length control at every budget (results/lcpo-smollm2-cpu-logu/): the evaluation budgets
+# 32..256 inside a log-uniform target range 16..384 (as many targets per doubling of the length), the paper's KL
+# of 0.001, 16 prompts (4 problems x 4 targets) x 8 responses, two updates per batch.
 PRESETS["smollm2-lcpo-cpu-logu"] = dict(
     PRESETS["smollm2-lcpo-cpu"],
     target_min=16,

@@ -229,7 +229,7 @@ def _has_param(fn, name: str) -> bool:
 
 def _torch_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None):
     """Causal torch.nn.attention.varlen.varlen_attn across its API versions (torch/nn/attention/varlen.py):
-    2.13 (our pin) takes scale, window_size=(-1, 0) for causal and enable_gqa; 2.11 (the GPU machine's) takes
+    2.13 (our pin) takes scale, window_size=(-1, 0) for causal and enable_gqa; 2.11 takes
     scale and window_size but no enable_gqa, so GQA heads are repeated; 2.10 takes is_causal only (default
     scale: another one raises)."""
     from torch.nn.attention.varlen import varlen_attn  # here: torch >= 2.10 only, and only on GPU
