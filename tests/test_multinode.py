@@ -1,7 +1,7 @@
 """Many nodes and many GPUs, checked on one CPU machine: two torchrun agents as two nodes, each with a model cache of
-its own and a shared --out, killed and resumed, equal to one node's run; ranks that stop answering or die, within the
-process-group timeout; one GGUF converted by two processes at once; evaluate.py with checkpoints of two
-architectures (one engine after another in one process)."""
+its own and a shared --out, one node killed and the other stopping, both resumed, equal to one node's run; ranks
+that stop answering or die, within the process-group timeout; one GGUF converted by two processes at once;
+evaluate.py with checkpoints of two architectures (one engine after another in one process)."""
 
 import importlib.util
 import json
@@ -168,43 +168,48 @@ def test_dist_timeout_reads_the_environment(monkeypatch):
 RUN = [*TINY, "--engine", "vllm", "--steps", "3", "--save-every", "1", "--keep-checkpoints", "0", "--seed", "5"]
 
 
-def _two_nodes(gguf: Path, out: Path, nodes: list[Path], *extra, fault=None, timeout=300) -> list[tuple[int, str]]:
+def _two_nodes(gguf: Path, out: Path, nodes: list[Path], *extra, fault=None, timeout=300) -> list[dict]:
     """grpo.py on two torchrun agents of one c10d rendezvous on 127.0.0.1, one process each, as two nodes would run
-    it: a shared --out, and per node its own HOME. Node 0's model cache is $LCPO_CACHE, node 1's the default under
-    its HOME (~/.cache/lcpo). Returns (exit code, stderr) per agent."""
-    port, procs = free_port(), []
+    it: a shared --out, and per node its own HOME. Node 0 hosts the rendezvous; its model cache is $LCPO_CACHE, node
+    1's the default under its HOME (~/.cache/lcpo). `fault` (LCPO_FAULT) is node 1's. Returns per agent its exit
+    code, when it ended (seconds from the start) and its stderr."""
+    port, procs, t0 = free_port(), [], time.monotonic()
     for i, node in enumerate(nodes):
-        env = _env(HOME=str(node / "home"), LCPO_DIST_TIMEOUT="120", **({"LCPO_FAULT": fault} if fault else {}))
+        env = _env(HOME=str(node / "home"), LCPO_DIST_TIMEOUT="120", **({"LCPO_FAULT": fault} if fault and i else {}))
         env.pop("LCPO_CACHE", None)
         if i == 0:
             env["LCPO_CACHE"] = str(node / "cache")
         agent = "--nnodes 2 --nproc_per_node 1 --rdzv_backend c10d --rdzv_id two-nodes --local_addr 127.0.0.1".split()
-        cmd = [sys.executable, "-m", "torch.distributed.run", *agent, "--rdzv_endpoint", f"127.0.0.1:{port}"]
-        cmd += [str(ROOT / "grpo.py"), *RUN, "--model", str(gguf), "--out", str(out), *extra]
+        agent += ["--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf", f"is_host={int(i == 0)}"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *agent, str(ROOT / "grpo.py"), *RUN]
+        cmd += ["--model", str(gguf), "--out", str(out), *extra]
         (node / "home").mkdir(parents=True, exist_ok=True)
-        with open(node / "stderr.log", "w") as err:  # files, not pipes: a full pipe would stall an agent
+        with open(node / "stderr.log", "w") as err:  # a file, not a pipe: a full pipe would stall the agent
             procs.append(
                 subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
             )
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        logs = "\n".join((node / "stderr.log").read_text()[-3000:] for node in nodes)
-        pytest.fail(f"the two nodes did not finish in {timeout} s:\n{logs}")
-    return [(p.returncode, (node / "stderr.log").read_text()) for p, node in zip(procs, nodes)]
+    ended = [None, None]
+    while None in ended and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+        for i, p in enumerate(procs):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = time.monotonic() - t0
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    logs = [(node / "stderr.log").read_text() for node in nodes]
+    if None in ended:
+        pytest.fail(f"the two nodes did not finish in {timeout} s:\n" + "\n".join(log[-3000:] for log in logs))
+    return [dict(code=p.returncode, ended=e, log=log) for p, e, log in zip(procs, ended, logs)]
 
 
 @needs_vllm
-def test_two_nodes_own_caches_killed_and_resumed_equal_one_node(tiny_gguf, raced_cache, tmp_path):
-    """Two nodes of one process each (vLLM engines), with nothing shared but --out: killed with SIGKILL on both at
-    step 2 (its responses generated), resumed from step 1's checkpoint, and finished with the weights and metrics of
-    an uninterrupted 2-process run on one node. Each node resolved the model into its own cache."""
+def test_two_nodes_own_caches_a_node_killed_resumed_equal_one_node(tiny_gguf, raced_cache, tmp_path):
+    """Two nodes of one process each (vLLM engines) with nothing shared but --out. Node 1 is killed with SIGKILL at
+    step 2 (its responses generated), and node 0 stops too, at once (its next collective fails; LCPO_DIST_TIMEOUT
+    bounds a hang). Resumed from step 1's checkpoint, the run ends with the weights and metrics of an uninterrupted
+    2-process run on one node, and each node resolved the model into its own cache."""
     cache, _ = raced_cache
     one = tmp_path / "one_node"
     r = subprocess.run(
@@ -218,11 +223,13 @@ def test_two_nodes_own_caches_killed_and_resumed_equal_one_node(tiny_gguf, raced
     assert r.returncode == 0, r.stderr[-3000:]
 
     out, nodes = tmp_path / "two_nodes", [tmp_path / "node0", tmp_path / "node1"]
-    killed = _two_nodes(tiny_gguf, out, nodes, fault="generate:2")
-    assert [code for code, _ in killed] == [-signal.SIGKILL] * 2, [log[-2000:] for _, log in killed]
+    node0, node1 = _two_nodes(tiny_gguf, out, nodes, fault="generate:2")
+    assert node1["code"] == -signal.SIGKILL, node1["log"][-3000:]  # its agent, killed with its rank
+    assert node0["code"] not in (0, -signal.SIGKILL), node0["log"][-3000:]  # failed on its own
+    assert node0["ended"] - node1["ended"] < 60, (node0["ended"], node1["ended"], node0["log"][-3000:])
     done = _two_nodes(tiny_gguf, out, nodes, "--resume")
-    assert [code for code, _ in done] == [0, 0], [log[-3000:] for _, log in done]
-    assert any(f"resumed from {out / 'checkpoints' / 'step_000001'} at step 1" in log for _, log in done)
+    assert [n["code"] for n in done] == [0, 0], [n["log"][-3000:] for n in done]
+    assert any(f"resumed from {out / 'checkpoints' / 'step_000001'} at step 1" in n["log"] for n in done)
 
     ma, mb = _metrics(one), _metrics(out)
     assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2, 3]
