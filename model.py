@@ -278,10 +278,6 @@ class DistInfo:
     local_rank: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 DIST_TIMEOUT_ENV = "LCPO_DIST_TIMEOUT"  # seconds
 DEFAULT_DIST_TIMEOUT = 600
