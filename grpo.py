@@ -374,7 +374,7 @@ def train(cfg: Config) -> None:
     dist_info = M.init_distributed()
     torch.manual_seed(cfg.run.seed + dist_info.rank)
     random.seed(cfg.run.seed + dist_info.rank)
-    is_main = dist_info.is_main
+    is_main = dist_info.rank == 0
     log.info(
         "rank %d: device %s, cores %s, %d torch threads",
         dist_info.rank,
