@@ -84,6 +84,10 @@ def _convert_gguf(gguf: Path, out: Path) -> str:
         tokenizer.pad_token = tokenizer.eos_token
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # Once torch.distributed is initialized, transformers' save_pretrained writes the weights on global rank 0 only
+    # (DistributedMixin.should_save_on_this_rank) and leaves a directory without them elsewhere. Each node
+    # converts its own copy, so this process writes, whatever its rank.
+    model.should_save_on_this_rank = lambda is_main_process: True
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
