@@ -184,17 +184,16 @@ def test_weight_sync_engine_uses_new_weights(tiny_model_dir):
     assert not torch.allclose(stale_engine, after_policy[: len(stale_engine)], atol=1e-3)  # and it did change
 
 
-@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=needs_vllm)])
-def test_resume_matches_uninterrupted_run_two_processes(engine, request, tmp_path):
+def test_resume_matches_uninterrupted_run_two_processes(tiny_model_dir, tmp_path):
     """torchrun with 2 CPU processes, each generating its own prompts with its own engine and taking the weight push
     every step: 4 steps straight; then a copy of that run cut back to its step-3 checkpoint and --resume'd to 4 gives
-    the same weights and metrics. With vLLM too: each request carries its own seed, and the resumed engine gets the
-    checkpoint's weights before its first step, so it samples the same tokens. --keep-checkpoints 2 (the default)
-    leaves the newest two of the four saves."""
+    the same weights and metrics. --keep-checkpoints 2 (the default) leaves the newest two of the four saves. The
+    same equality with vLLM engines (each request carries its own seed, and the resumed engine gets the checkpoint's
+    weights before its first step) is test_multinode.py's two-node run, killed and resumed."""
     import shutil
 
-    model_dir = request.getfixturevalue("tiny_model_dir" if engine == "hf" else "tiny_vllm_model_dir")
-    common = [*TINY, "--model", model_dir, "--save-every", "1", "--seed", "7", "--engine", engine, "--steps", "4"]
+    model_dir = tiny_model_dir
+    common = [*TINY, "--model", model_dir, "--save-every", "1", "--seed", "7", "--engine", "hf", "--steps", "4"]
     a, b = tmp_path / "a", tmp_path / "b"
     r = _torchrun(2, [*common, "--out", str(a)])
     assert r.returncode == 0, r.stderr[-3000:]
