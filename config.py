@@ -185,9 +185,7 @@ PRESETS["smollm2-lcpo-cpu-logu"] = dict(
     alpha_max=0.004,
     kl_coef=0.001,
     last_number_fallback=True,
-    tokens_per_microbatch=4096,
     steps=400,
-    save_every=5,
     keep_checkpoints=3,
     out="runs/cpu-exact-logu",
 )

@@ -152,7 +152,7 @@ def summarize(records: list[dict], budgets: list[int]) -> dict:
         for b in budgets:
             cells = [d["budgets"][b] for d in datasets.values() if b in d["budgets"]]
             if cells:
-                average[b] = {k: sum(c[k] for c in cells) / len(cells) for k in AVERAGED if all(k in c for c in cells)}
+                average[b] = {k: sum(c[k] for c in cells) / len(cells) for k in AVERAGED}
                 rep = [c["repeats"] for c in cells if c.get("repeats") is not None]
                 average[b]["repeats"] = sum(rep) / len(rep) if rep else None
         out[series] = {"datasets": datasets, "average": average}
@@ -189,11 +189,10 @@ def _cell(c: dict | None) -> str:
     if c is None:
         return "-"
     pct = {k: 100 * c[k] for k in ("accuracy", "rel_dev", "over_budget")}
-    paper = "" if "rel_rmse" not in c else f", err {100 * c['mean_error']:+.0f}%, rmse {100 * c['rel_rmse']:.0f}%"
     rep = "" if c.get("repeats") is None else f", rep {100 * c['repeats']:.0f}%"
     return (
-        f"{pct['accuracy']:.1f}% / {c['mean_tokens']:.0f} "
-        f"(dev {pct['rel_dev']:.0f}%{paper}, over {pct['over_budget']:.0f}%{rep})"
+        f"{pct['accuracy']:.1f}% / {c['mean_tokens']:.0f} (dev {pct['rel_dev']:.0f}%, "
+        f"err {100 * c['mean_error']:+.0f}%, rmse {100 * c['rel_rmse']:.0f}%, over {pct['over_budget']:.0f}%{rep})"
     )
 
 
