@@ -3,11 +3,15 @@
     --out/config.json            the configuration of the latest start
     --out/metrics.jsonl          one line per step
     --out/checkpoints/step_NNNNNN/
-        model/                   Hugging Face save_pretrained layout (safetensors): loadable by transformers and vLLM
+        model/                   Hugging Face save_pretrained layout (safetensors): loadable by transformers and
+                                 vLLM; under LoRA the merged model, at the run's last save only (lora.py merge)
+        adapter/                 LoRA only: the adapter in peft's layout (adapter_config.json,
+                                 adapter_model.safetensors)
         optim/                   the sharded AdamW state (torch.distributed.checkpoint)
         rng_rank*.pt             each rank's RNG states
         state.json               step, data-stream position, the reward's state across steps (if it has one), world
-                                 size, config, and the size of every file above; written last
+                                 size, the LoRA base model's identity, config, and the size of every file above;
+                                 written last
 
 What survives a kill (SIGKILL included, at any moment): a checkpoint is written into `step_N.tmp/` and renamed to
 `step_N/` only once its state.json is in place, so a killed save leaves a `.tmp` directory (or a directory without
@@ -43,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+import lora as L
 import model as M
 
 log = logging.getLogger("checkpoint")
@@ -144,12 +149,14 @@ def verify(path: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- saving
-def save(step: int, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info) -> Path:
+def save(step: int, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info, base=None, last=False) -> Path:
     """Write to step_N.tmp, then rename: a kill mid-save leaves the previous checkpoint intact. Then delete all but
-    the newest --keep-checkpoints (a 1.5B policy's checkpoint, fp32 weights and Adam moments, is about 18 GB)."""
+    the newest --keep-checkpoints (a 1.5B policy's checkpoint, fp32 weights and Adam moments, is about 18 GB).
+    A LoRA policy (lora.py) saves its adapter, and its merged model only at the run's `last` save; `base` is its base
+    model's identity (lora.base_identity), on rank 0."""
     final = Path(cfg.run.out) / "checkpoints" / f"step_{step:06d}"
     try:
-        _write(final, step, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info)
+        _write(final, step, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info, base, last)
     except Exception as e:  # a full disk shows up deep in torch.save as "unexpected pos 704 vs 598"
         free = shutil.disk_usage(final.parent).free / 2**30 if final.parent.exists() else float("nan")
         raise RuntimeError(
@@ -163,13 +170,17 @@ def save(step: int, policy, tokenizer, optimizer, stream, reward_state, cfg, dis
     return final
 
 
-def _write(final: Path, step, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info) -> None:
+def _write(final: Path, step, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info, base, last) -> None:
     tmp = final.with_name(final.name + ".tmp")
     if dist_info.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(dist_info)
-    M.save_hf_checkpoint(policy, tokenizer, tmp / "model", rank=dist_info.rank)
+    lora = bool(L.lora_modules(policy))
+    if lora:
+        L.save_adapter(policy, tmp / "adapter", base and base["path"], rank=dist_info.rank)
+    if not lora or last:
+        M.save_hf_checkpoint(policy, tokenizer, tmp / "model", rank=dist_info.rank, weights=L.full_weights(policy))
     fault_point("save", step)  # (crash tests: the model is written, the optimizer not yet)
     dcp.save({"optim": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=str(tmp / "optim"))
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{dist_info.rank}.pt")
@@ -181,6 +192,7 @@ def _write(final: Path, step, policy, tokenizer, optimizer, stream, reward_state
             "stream": stream.state_dict(),
             "reward_state": reward_state.state_dict() if reward_state is not None else None,
             "world_size": dist_info.world_size,
+            "base_model": base,  # LoRA: the base the adapter is trained on (path, sha256, dtype); else None
             "config": asdict(cfg),
             "files": files,
         }
@@ -234,14 +246,36 @@ def check_config(saved: dict, cfg, world_size: int, saved_world_size: int) -> li
     return changed
 
 
+def check_base(state: dict, path: Path, base: dict | None) -> None:
+    """A LoRA run resumes only on the base model its adapter was trained on: `base` (lora.base_identity of this
+    run's base; None on ranks other than 0, which skip the check) against what the checkpoint's state.json recorded.
+    SystemExit naming both when the weights differ."""
+    if base is None:
+        return
+    saved = state.get("base_model") or {}
+    if saved.get("sha256") != base["sha256"]:
+        raise SystemExit(
+            f"--resume: checkpoint {path} trained its LoRA adapter on the base model in {saved.get('path')} "
+            f"(sha256 {saved.get('sha256')}); this run's base, {base['path']}, has other weights "
+            f"(sha256 {base['sha256']}). An adapter only continues on its own base"
+        )
+
+
 def load(path: Path, policy, optimizer, stream, reward_state, dist_info) -> dict:
     """Load a verified checkpoint into the sharded policy and optimizer, the data stream and the reward's state (None
     for a reward without one); returns its state.json. Any failure names the checkpoint (and the file, where it is
-    one)."""
+    one). A LoRA policy loads its adapter alone (its base is checked by `check_base`)."""
     state = verify(path)
+    lora = bool(L.lora_modules(policy))
     try:
-        full = M.read_safetensors(path / "model")
-        set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True))
+        if lora:
+            full = L.read_adapter(path / "adapter")[1]
+            if set(full) != set(L.adapter_names(policy)):  # strict=False below would skip a missing one
+                raise RuntimeError(f"{path / 'adapter'} does not hold this run's adapters (--lora-targets?)")
+            set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            full = M.read_safetensors(path / "model")
+            set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True))
         optim_sd = get_optimizer_state_dict(policy, optimizer)
         dcp.load({"optim": optim_sd}, checkpoint_id=str(path / "optim"))
         set_optimizer_state_dict(policy, optimizer, optim_sd)

@@ -36,6 +36,10 @@ class ModelArgs:
     vllm_kv_cache_gib: float = 0.0  # vllm: a fixed KV cache in GiB; 0 = on CPU sized for the rank's batch, on a
     # GPU from the memory share
     hf_batch_size: int = 64  # hf engine: sequences per generate() call
+    lora_rank: int = 0  # LoRA: train rank-R adapters on a frozen base (lora.py); 0 = off, full fine-tuning
+    lora_alpha: float = 32.0  # LoRA's scale: the update is (alpha / rank) B A
+    lora_targets: str = "all-linear"  # the layers LoRA adapts: all-linear (every linear layer of the decoder
+    # blocks, the MLP included) | comma-separated names (q_proj,v_proj)
 
 
 @dataclass
@@ -291,6 +295,10 @@ def validate(cfg: Config) -> None:
         (m.engine in ("auto", "hf", "vllm"), f"--engine must be auto|hf|vllm, got {m.engine!r}"),
         (m.packed in ("auto", "on", "off"), f"--packed must be auto|on|off, got {m.packed!r}"),
         (m.dtype in M.DTYPES, f"--dtype must be {'|'.join(M.DTYPES)}, got {m.dtype!r}"),
+        (
+            m.lora_rank >= 0 and m.lora_alpha > 0,
+            f"--lora-rank must be >= 0 (0 = off) and --lora-alpha > 0, got {m.lora_rank} and {m.lora_alpha}",
+        ),
         (
             g.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"),
             f"--loss-agg must be token-mean|seq-mean-token-mean|constant, got {g.loss_agg!r}",

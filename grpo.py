@@ -39,6 +39,7 @@ from tqdm import tqdm
 import checkpoint as C
 import data as D
 import grading
+import lora as L
 import model as M
 import rewards as R
 import rollout
@@ -291,7 +292,8 @@ def frozen_logprobs(fwd: Forwards, policy, ref_policy, cfg: Config, per_mb: int)
     if g.minibatches * g.epochs > 1:  # the same on every rank
         old = fwd.frozen(policy, range(per_mb if g.epochs == 1 else 0, n))
     if ref_policy is not None:
-        ref = fwd.frozen(ref_policy, range(n))
+        with L.adapters_off(ref_policy):  # LoRA: the reference is the policy's own frozen base (lora.py)
+            ref = fwd.frozen(ref_policy, range(n))
     return old, ref
 
 
@@ -405,26 +407,35 @@ def train(cfg: Config) -> None:
         seed=cfg.run.seed,
         targets_per_problem=cfg.data.targets_per_problem,
     )
+    bf16 = M.use_bf16(dist_info.device, cfg.model.dtype)  # bf16 compute over fp32 master weights (model.use_bf16)
+    lora = cfg.model.lora_rank > 0  # a frozen base (stored in bf16 where the compute is) plus fp32 adapters: lora.py
+    base_dtype = torch.bfloat16 if lora and bf16 else torch.float32
+    base = None  # LoRA: the base's identity, recorded in checkpoints and checked on resume
+    if lora and is_main:
+        base = dict(L.base_identity(model_dir), dtype=str(base_dtype).removeprefix("torch."))
     if resume_from is not None:
         saved = C.verify(resume_from)
         for change in C.check_config(saved["config"], cfg, dist_info.world_size, saved["world_size"]):
             log.warning("--resume from %s: %s", resume_from, change)
+        C.check_base(saved, resume_from, base)
     grading.start_grader()  # the grading processes start while the models load
 
     # Model, reference and optimizer. Every rank holds a shard; the engine holds its own full copy.
-    bf16 = M.use_bf16(dist_info.device, cfg.model.dtype)  # bf16 compute over fp32 master weights (model.use_bf16)
-    policy = M.shard_model(
-        M.load_model(model_dir, device=dist_info.device),
-        mixed_precision=bf16,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-    )
+    policy = M.load_model(model_dir, device=dist_info.device, dtype=base_dtype)
+    if lora:
+        L.apply_lora(policy, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets, seed=cfg.run.seed)
+    policy = M.shard_model(policy, mixed_precision=bf16, activation_checkpointing=cfg.model.activation_checkpointing)
     ref_policy = None
     if cfg.grpo.kl_coef != 0:  # the frozen reference exists only when the KL term is used
-        ref_policy = M.shard_model(M.load_model(model_dir, device=dist_info.device), mixed_precision=bf16)
-        ref_policy.requires_grad_(False)
+        if lora:  # the policy with its adapters off (frozen_logprobs): no second copy
+            ref_policy = policy
+        else:
+            ref_policy = M.shard_model(M.load_model(model_dir, device=dist_info.device), mixed_precision=bf16)
+            ref_policy.requires_grad_(False)
     # Padding-free packing pays off with a varlen kernel; with SDPA a packed row needs a dense mask.
     packed = cfg.model.packed == "on" or (cfg.model.packed == "auto" and M.prefers_packing(policy))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
+    trained = L.trainable_parameters(policy)  # the adapters under LoRA, else every parameter
+    optimizer = torch.optim.AdamW(trained, lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
     engine = rollout.make_engine(
         cfg.model.engine,
         model_dir,
@@ -443,7 +454,7 @@ def train(cfg: Config) -> None:
     if resume_from is not None:
         start = int(C.load(resume_from, policy, optimizer, stream, reward_state, dist_info)["step"])
         log.warning("resumed from %s at step %d", resume_from, start)
-        engine.load_weights(M.iter_full_state_dict(policy))
+        engine.load_weights(L.full_weights(policy))
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -494,7 +505,7 @@ def train(cfg: Config) -> None:
 
         # 6. Push the new weights into the engine (a collective: every rank, same order).
         engine.wake_up(["weights"])
-        engine.load_weights(M.iter_full_state_dict(policy))
+        engine.load_weights(L.full_weights(policy))  # under LoRA the merged W + (alpha / r) B A
         engine.wake_up(["kv_cache"])
         if reward_state is not None:  # it takes the step's groups, every rank's
             reward_state.after_step(scores.groups, gather=lambda obj: _gather_objects(obj, dist_info))
@@ -521,7 +532,8 @@ def train(cfg: Config) -> None:
         if dist_info.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if step % cfg.run.save_every == 0 or step == cfg.run.steps or flag.item():
-            path = C.save(step, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info)
+            last = step == cfg.run.steps or bool(flag.item())  # a LoRA run writes its merged model here
+            path = C.save(step, policy, tokenizer, optimizer, stream, reward_state, cfg, dist_info, base, last)
             if is_main:
                 pbar.write(f"saved {path}")
         if flag.item():
@@ -577,6 +589,7 @@ def step_metrics(step: int, samples, completions, scores: StepRewards, stats: di
             "ratio_max": stats["ratio_max"],
             "neg_ratio_min": -stats["ratio_min"],
             "grade_seconds": scores.grading.seconds,
+            "memory": M.peak_memory_gib(dist_info.device),
         },
         dist_info,
         op=dist.ReduceOp.MAX,
@@ -605,6 +618,7 @@ def step_metrics(step: int, samples, completions, scores: StepRewards, stats: di
         graded_symbolic=sums["graded_symbolic"] / n,
         grade_bounded=int(sums["grade_bounded"]),
         time_grade_max=most["grade_seconds"],
+        memory_peak_gib=most["memory"],  # the largest rank's peak so far (model.peak_memory_gib)
         **{f"time_{k}": v for k, v in times.items()},
     )
 

@@ -614,6 +614,17 @@ def release_cpu_heap(min_available: float = 0.25) -> bool:
     return True
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far, in GiB: on a GPU what torch's allocator held at most (the trainer, and a
+    colocated vLLM's tensors where they come from it); on a CPU the process's peak resident size (ru_maxrss), the
+    colocated engine and its KV cache included."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def prefers_packing(model: nn.Module) -> bool:
     """packed=True pays off only with a varlen kernel (flash-attn's or torch's); with sdpa the packed row gets
     a dense [T, T] block mask (measured on an H100, Qwen2-1.5B shape, 16k tokens: padded 0.9 s vs packed
@@ -692,12 +703,14 @@ def iter_full_state_dict(model: nn.Module, dtype=None) -> Iterator[tuple[str, to
             yield hf_name(name), tensor
 
 
-def save_hf_checkpoint(model: nn.Module, tokenizer, path, *, rank: int = 0, dtype=None) -> None:
+def save_hf_checkpoint(model: nn.Module, tokenizer, path, *, rank: int = 0, dtype=None, weights=None) -> None:
     """Write `path` in save_pretrained layout (safetensors, config.json, tokenizer files); all ranks must
-    call it (the gather is collective), rank 0 writes into a temp dir and renames it into place."""
+    call it (the gather is collective), rank 0 writes into a temp dir and renames it into place.
+    weights: the (name, tensor) pairs to write (a LoRA model's merged ones: lora.full_weights); default
+    `iter_full_state_dict(model, dtype)`."""
     path = Path(path)
     state = {}
-    for name, tensor in iter_full_state_dict(model, dtype=dtype):
+    for name, tensor in weights if weights is not None else iter_full_state_dict(model, dtype=dtype):
         if rank == 0:
             state[name] = tensor.cpu()
     if rank == 0:

@@ -114,3 +114,16 @@ def test_grading_throughput_serial_and_pool(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_lora_memory_measures_and_models_every_variant(tmp_path):
+    """Full fine-tuning and LoRA at a tiny width, each phase measured; the one-GPU table from its activations."""
+    args = "--layers 1 --vocab 2000 --tokens 512 --ranks 4 --tokens-per-microbatch 4096".split()
+    res = run_bench("lora_memory", args, tmp_path)
+    full, lora = res["results"]["full"], res["results"]["lora-r4"]
+    assert full["params"] == lora["params"] and 0 < lora["adapter_params"] < full["params"] // 50, (full, lora)
+    for r in (full, lora):
+        assert r["phases"]["model"] <= r["phases"]["backward"] <= r["phases"]["step"], r
+    assert lora["phases"]["step"] < full["phases"]["step"]  # no reference, no gradients or moments for the base
+    rows = {(r["gpu_gib"], r["model"], r["variant"]): r for r in res["one_gpu"]}
+    assert rows[(80, "qwen2-7b", "full")]["fits"] == "no" and rows[(80, "qwen2-7b", "full")]["static_gib"] > 100

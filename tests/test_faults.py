@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint as C
+import model as M
 from conftest import TINY, _env, _metrics, _weights, refusal, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,3 +150,48 @@ def test_resume_with_other_settings(straight, tiny_model_dir, tmp_path):
     assert "world size 2 -> 1 (the optimizer state is resharded" in r.stderr
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
     assert json.loads((out / "checkpoints" / "step_000005" / "state.json").read_text())["world_size"] == 1
+
+
+def test_lora_run_killed_and_resumed_equals_the_straight_run(tiny_model_dir, tmp_path):
+    """The same for a LoRA run (--lora-rank 4; its KL reference is its own base, adapters off): killed mid-save (the
+    adapter written, the optimizer not) and mid-update, then resumed, it ends with the adapters, metrics and merged
+    model of the straight LoRA run. Only the last save holds the merged model; `lora.py merge` writes the same one
+    from any save. A resume on a base whose weights differ from the recorded ones is refused, naming both."""
+    import lora as L
+
+    flags = ("--lora-rank", "4", "--lora-alpha", "16")
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    r = _run(tiny_model_dir, straight, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i, fault in enumerate(("save:3", "update:4")):
+        r = _run(tiny_model_dir, out, *flags, *(["--resume"] if i else []), fault=fault)
+        assert r.returncode == -signal.SIGKILL, (fault, r.returncode, r.stderr[-2000:])
+    r = _run(tiny_model_dir, out, *flags, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step_000003'} at step 3" in r.stderr
+    ma, mb = _metrics(straight), _metrics(out)
+    assert [m["step"] for m in mb] == [1, 2, 3, 4] and ma[-1]["kl"] > 0
+    for x, y in zip(ma, mb):
+        for k in ("reward", "accuracy", "response_len", "kl", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+    a, b = (M.read_safetensors(run / "checkpoints" / "step_000004" / "adapter") for run in (straight, out))
+    assert len(a) == 28 and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    ckpts = straight / "checkpoints"
+    assert not (ckpts / "step_000003" / "model").exists()  # adapters only, until the last save
+    merged = _weights(ckpts / "step_000004")
+    assert all(
+        torch.allclose(merged[k], v, atol=1e-6) for k, v in _weights(out / "checkpoints" / "step_000004").items()
+    )
+    base = M.read_safetensors(tiny_model_dir)
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    L.merge(ckpts / "step_000004", tmp_path / "merged")
+    again = M.read_safetensors(tmp_path / "merged")
+    assert again.keys() == merged.keys() and all(torch.equal(again[k], merged[k]) for k in merged)
+
+    state = json.loads((ckpts / "step_000004" / "state.json").read_text())
+    state["base_model"]["sha256"] = "0" * 64  # as if the base had been trained on other weights than these
+    (ckpts / "step_000004" / "state.json").write_text(json.dumps(state))
+    msg = refusal([*RUN, *flags, "--model", tiny_model_dir, "--out", str(straight), "--resume"])
+    assert f"--resume: checkpoint {ckpts / 'step_000004'} trained its LoRA adapter on the base model in" in msg
+    assert f"this run's base, {tiny_model_dir}, has other weights" in msg

