@@ -54,13 +54,16 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator) -> None:
         super().__init__()
         self.base_layer = base
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)  # fp32
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        # fp32, drawn below on the CPU (the generator's device); skip_init leaves torch's global RNG untouched
+        self.lora_A = nn.utils.skip_init(nn.Linear, base.in_features, rank, bias=False)
+        self.lora_B = nn.utils.skip_init(nn.Linear, rank, base.out_features, bias=False)
         self.scaling = alpha / rank
         self.enabled = True
         with torch.no_grad():  # peft's init_lora_weights=True
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
             nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(base.weight.device)
+        self.lora_B.to(base.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # [..., out]
@@ -146,10 +149,15 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 # ------------------------------------------------------------------------------------------- on disk
 def base_identity(model_dir: str) -> dict:
-    """The base model a LoRA run trains on: its directory and the sha256 of its weight files (names and bytes, in
-    name order). --resume checks it, since an adapter means nothing on another base."""
+    """The base model a LoRA run trains on: its directory (or hub id) and the sha256 of its weight files (names and
+    bytes, in name order). --resume checks it, since an adapter means nothing on another base."""
     digest = hashlib.sha256()
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    local = Path(model_dir)
+    if not local.is_dir():  # a hub id: its files in the hub cache, fetched as from_pretrained would
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(model_dir, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(local.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
     for f in files:

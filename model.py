@@ -117,6 +117,11 @@ def resolve_model(name_or_path: str) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json (not a HF model directory)")
         return str(path)
+    if (path.parent / "adapter").is_dir() and path.name == "model":  # a LoRA run's save without its merged model
+        raise FileNotFoundError(
+            f"{path.parent} is a LoRA checkpoint without a merged model: `python lora.py merge {path.parent}` "
+            f"writes {path}"
+        )
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
         return name_or_path
     raise FileNotFoundError(f"model path {name_or_path} does not exist (and is not a hub id 'org/name')")

@@ -179,6 +179,8 @@ def test_lora_run_killed_and_resumed_equals_the_straight_run(tiny_model_dir, tmp
 
     ckpts = straight / "checkpoints"
     assert not (ckpts / "step_000003" / "model").exists()  # adapters only, until the last save
+    with pytest.raises(FileNotFoundError, match=f"python lora.py merge {ckpts / 'step_000003'}"):
+        M.resolve_model(str(ckpts / "step_000003" / "model"))  # what evaluate.py --model says of it
     merged = _weights(ckpts / "step_000004")
     assert all(
         torch.allclose(merged[k], v, atol=1e-6) for k, v in _weights(out / "checkpoints" / "step_000004").items()

@@ -623,16 +623,20 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
     long_prompts = [torch.randint(100, 20000, (373,), generator=g).tolist() for _ in range(11)]
     long_out = eng.generate(long_prompts, 1, SamplingConfig(temperature=0.6, max_new_tokens=2, seed=3, ignore_eos=True))
     assert [len(grp) for grp in long_out] == [1] * 11 and all(len(grp[0].token_ids) == 2 for grp in long_out)
+
+    def trainer_logprobs(net, flat):  # the trainer's log-probs of (prompt, completion) pairs, flat [N]
+        with torch.no_grad():
+            lp, _ = M.response_logprobs(
+                net,
+                [p + c.token_ids for p, c in flat],
+                [len(p) for p, _ in flat],
+                temperature=sampling.temperature,
+                packed=False,
+            )
+        return lp.cpu()
+
     flat = [(p, c) for p, g in zip(prompts, sampled) for c in g]
-    with torch.no_grad():
-        trainer, _ = M.response_logprobs(
-            policy,
-            [p + c.token_ids for p, c in flat],
-            [len(p) for p, _ in flat],
-            temperature=sampling.temperature,
-            packed=False,
-        )
-    mismatch = (trainer.cpu() - torch.tensor([x for _, c in flat for x in c.logprobs])).abs()
+    mismatch = (trainer_logprobs(policy, flat) - torch.tensor([x for _, c in flat for x in c.logprobs])).abs()
 
     eng.sleep()  # on CPU a no-op (no sleep mode): the trainer's sequence of calls stays the same
     eng.wake_up(["weights"])
@@ -663,23 +667,8 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
     adapted = M.shard_model(adapted, mixed_precision=not on_cpu)
     eng.load_weights(L.full_weights(adapted))
     lora_flat = [(p, c) for p, grp in zip(prompts, eng.generate(prompts, 4, sampling)) for c in grp]
-    with torch.no_grad():
-        lora_trainer, _ = M.response_logprobs(
-            adapted,
-            [p + c.token_ids for p, c in lora_flat],
-            [len(p) for p, _ in lora_flat],
-            temperature=sampling.temperature,
-            packed=False,
-        )
-        base_lp, _ = M.response_logprobs(  # the same samples under the base: what a push of W alone would give
-            policy,
-            [p + c.token_ids for p, c in lora_flat],
-            [len(p) for p, _ in lora_flat],
-            temperature=sampling.temperature,
-            packed=False,
-        )
     engine_lora_lp = torch.tensor([x for _, c in lora_flat for x in c.logprobs])
-    lora_mismatch = (lora_trainer.cpu() - engine_lora_lp).abs()
+    lora_mismatch = (trainer_logprobs(adapted, lora_flat) - engine_lora_lp).abs()
     eng.close()
     assert dist.is_initialized()  # vLLM's teardown left the trainer's process group alone
     with open(out_file, "w") as f:
@@ -692,7 +681,8 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
                 "perturbed_differs": _key(perturbed) != [[k[0]] for k in _key(before)],
                 "perturbed_vs_teacher": (engine_lp - teacher_lp).abs().max().item(),
                 "back": _key(back) == _key(before),
-                "lora_vs_base": (base_lp.cpu() - engine_lora_lp).abs().mean().item(),
+                # the same samples under the base: what a push of W alone would give
+                "lora_vs_base": (trainer_logprobs(policy, lora_flat) - engine_lora_lp).abs().mean().item(),
                 "lora_mismatch_max": lora_mismatch.max().item(),
                 "lora_mismatch_mean": lora_mismatch.mean().item(),
                 "lora_tokens": lora_mismatch.numel(),
