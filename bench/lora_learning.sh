@@ -19,6 +19,7 @@ for v in "${variants[@]}"; do
   # shellcheck disable=SC2086  # the flags split into words
   "${TR[@]}" grpo.py --preset smollm2-lcpo-cpu-logu --steps "$steps" --out "$out" $flags $resume
   last=$out/checkpoints/step_$(printf %06d "$steps")/model  # LoRA runs merge their model at the last save
-  [ -f "$out/eval/results.json" ] || "${TR[@]}" evaluate.py --model "$last" --labels "$name" "${EVAL[@]}" --out "$out/eval"
+  [ -f "$out/eval/results.json" ] ||
+    "${TR[@]}" evaluate.py --model "$last" --labels "$name" "${EVAL[@]}" --out "$out/eval"
 done
 .venv/bin/python evaluate.py --merge "$runs"/{full,lora-r32-3x,lora-r32-10x,lora-r32-30x}/eval --out "$runs/merged"
