@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
-# The held-out evaluation of this folder: the untrained model (and, with BASELINE=1, the same model under S1 budget
-# forcing) and a checkpoint of the run, with LCPO-Exact prompts, on the arith test split: 100 problems x 4 samples
-# per budget, generation limit 2 x budget. Both are merged into DIR/merged (table.md, results.json, plots).
+# The held-out evaluation of this folder: LCPO-Exact prompts, budgets 32 / 64 / 128 / 256, generation limit 2 x budget.
+#   DIR/merged   arith test split, 100 problems x 4 samples: the untrained model and the run's step STEP
+#   DIR/gsm8k    GSM8K test (never trained on), 100 problems x 2 samples: the same two models
+#   DIR/s1       arith, 100 x 2: S1 budget forcing on the untrained model, beside both
+# A part already written is kept (delete its directory to redo it). GSM8K is read from $LCPO_SHARED/data (default
+# ../shared/data), the S1 part runs only with S1=1.
 #   bash results/lcpo-smollm2-cpu-logu/evaluate.sh RUN_DIR STEP [DIR]        (DIR defaults to RUN_DIR/eval)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run=$1 step=$(printf %06d "$2") dir=${3:-$1/eval}
-EVAL="--data arith --limit 100 --samples 4 --budgets 32 64 128 256 --last-number-fallback --target exact"
+model=$run/checkpoints/step_$step/model label="LCPO-Exact-step-$2" base=SmolLM2-135M-Instruct
 TR=(env OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2)
-[ -f "$dir/base/samples.jsonl" ] || "${TR[@]}" evaluate.py --model smollm2 --labels SmolLM2-135M-Instruct $EVAL \
-  ${BASELINE:+--baseline budget-forcing} --out "$dir/base"
-"${TR[@]}" evaluate.py --model "$run/checkpoints/step_$step/model" --labels "LCPO-Exact-step-$2" $EVAL \
-  --out "$dir/step-$2"
-.venv/bin/python evaluate.py --merge "$dir/base" "$dir/step-$2" --out "$dir/merged"
+BUDGETS=(--budgets 32 64 128 256 --last-number-fallback --target exact)
+ARITH=(--data arith --limit 100 "${BUDGETS[@]}")
+GSM8K=(--data "${LCPO_SHARED:-../shared}/data/gsm8k/test.jsonl" --limit 100 --samples 2 "${BUDGETS[@]}")
+ev() { [ -f "$1/results.json" ] || "${TR[@]}" evaluate.py --out "$@"; }
+merge() { .venv/bin/python evaluate.py --merge "${@:2}" --out "$1"; }
+
+ev "$dir/base" --model smollm2 --labels "$base" "${ARITH[@]}" --samples 4
+ev "$dir/step-$2" --model "$model" --labels "$label" "${ARITH[@]}" --samples 4
+merge "$dir/merged" "$dir/base" "$dir/step-$2"
+ev "$dir/gsm8k-base" --model smollm2 --labels "$base" "${GSM8K[@]}"
+ev "$dir/gsm8k-step-$2" --model "$model" --labels "$label" "${GSM8K[@]}"
+merge "$dir/gsm8k" "$dir/gsm8k-base" "$dir/gsm8k-step-$2"
+if [ "${S1:-}" = 1 ]; then
+  ev "$dir/base-s1" --model smollm2 --labels "$base" "${ARITH[@]}" --samples 2 --baseline budget-forcing --baseline-only
+  merge "$dir/s1" "$dir/base" "$dir/base-s1" "$dir/step-$2"
+fi
