@@ -2,7 +2,7 @@
 # The held-out evaluation of this folder: LCPO-Exact prompts, budgets 32 / 64 / 128 / 256, generation limit 2 x budget.
 #   DIR/merged   arith test split, 100 problems x 4 samples: the untrained model and the run's step STEP
 #   DIR/gsm8k    GSM8K test (never trained on), 100 problems x 2 samples: the same two models
-#   DIR/s1       arith, 100 x 2: S1 budget forcing on the untrained model, beside both
+#   DIR/s1       arith, 100 x 2: S1 budget forcing on the untrained model, beside the run's step STEP
 # A part already written is kept (delete its directory to redo it). GSM8K is read from $LCPO_SHARED/data (default
 # ../shared/data), the S1 part runs only with S1=1.
 #   bash results/lcpo-smollm2-cpu-logu/evaluate.sh RUN_DIR STEP [DIR]        (DIR defaults to RUN_DIR/eval)
@@ -25,5 +25,5 @@ ev "$dir/gsm8k-step-$2" --model "$model" --labels "$label" "${GSM8K[@]}"
 merge "$dir/gsm8k" "$dir/gsm8k-base" "$dir/gsm8k-step-$2"
 if [ "${S1:-}" = 1 ]; then
   ev "$dir/base-s1" --model smollm2 --labels "$base" "${ARITH[@]}" --samples 2 --baseline budget-forcing --baseline-only
-  merge "$dir/s1" "$dir/base" "$dir/base-s1" "$dir/step-$2"
+  merge "$dir/s1" "$dir/base-s1" "$dir/step-$2"  # the untrained model without forcing is in DIR/merged
 fi
