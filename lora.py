@@ -244,9 +244,8 @@ def merge(checkpoint, out=None) -> Path:
     config, tensors = read_adapter(checkpoint / "adapter")
     policy = M.load_model(base["path"], dtype=getattr(torch, base["dtype"]))  # as the run stored it
     apply_lora(policy, config["r"], config["lora_alpha"], ",".join(config["target_modules"]))
-    missing = set(tensors) - set(policy.state_dict())
-    if missing:
-        raise SystemExit(f"{checkpoint / 'adapter'} holds tensors this base has no place for: {sorted(missing)[:3]}")
+    if set(tensors) != set(adapter_names(policy)):  # as checkpoint.load checks it: strict=False skips a missing one
+        raise SystemExit(f"{checkpoint / 'adapter'} does not hold the adapters its adapter_config.json names")
     policy.load_state_dict(tensors, strict=False)
     out = Path(out or checkpoint / "model")
     M.save_hf_checkpoint(policy, M.load_tokenizer(base["path"]), out, weights=full_weights(policy))
