@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # Imports: the standard library, torch and this project's modules here; optional heavy packages (vllm, math_verify,
 # matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
+import contextlib
 import ctypes
 import datetime
 import functools
@@ -68,6 +69,28 @@ def _convert_embedded() -> str:
     return _convert_gguf(gguf, out)
 
 
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """transformers parses the GGUF file three times (config, weights, tokenizer), and parsing the tokenizer's
+    fields (49k tokens and merges for SmolLM2, one numpy view each) is most of a conversion: the readers are shared
+    while the block runs. They only read (a memory map of the file)."""
+    import gguf
+
+    make, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = make(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = make
+
+
 def _convert_gguf(gguf: Path, out: Path) -> str:
     """Dequantize a GGUF once into a safetensors HF directory (vLLM and FSDP want plain weights).
 
@@ -76,10 +99,11 @@ def _convert_gguf(gguf: Path, out: Path) -> str:
     """
     if (out / "config.json").is_file():
         return str(out)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantized on load; drop the marker
-        model.hf_quantizer.remove_quantization_config(model)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _one_gguf_parse():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        if getattr(model, "hf_quantizer", None) is not None:  # GGUF is dequantized on load; drop the marker
+            model.hf_quantizer.remove_quantization_config(model)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     out.parent.mkdir(parents=True, exist_ok=True)

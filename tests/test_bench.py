@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import grading
 from conftest import HAS_VLLM
 
@@ -110,10 +108,6 @@ def test_grading_throughput_serial_and_pool(tmp_path):
         res["results"]["serial"]["corpora"]["real"]["right_per_pass"]
         == (res["results"]["pool"]["corpora"]["real"]["right_per_pass"])
     )  # the same grades either way
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
 
 
 def test_lora_memory_measures_and_models_every_variant(tmp_path):

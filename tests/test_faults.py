@@ -19,7 +19,7 @@ import model as M
 from conftest import TINY, _env, _metrics, _weights, refusal, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = [*TINY, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "0", "--seed", "3"]
+RUN = [*TINY, *"--steps 4 --save-every 1 --seed 3".split()]  # --keep-checkpoints 2, the default
 
 
 def _run(model_dir, out, *extra, nproc=2, fault=None, timeout=300):
@@ -39,10 +39,14 @@ def _run(model_dir, out, *extra, nproc=2, fault=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def straight(tiny_model_dir, tmp_path_factory):
-    """The uninterrupted run every crashed-and-resumed run must equal."""
+    """The uninterrupted run every crashed-and-resumed run must equal: 2 processes, each generating its own prompts
+    with its own engine and taking the weight push every step. --keep-checkpoints 2 leaves the newest two saves."""
     out = tmp_path_factory.mktemp("straight") / "run"
     r = _run(tiny_model_dir, out)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+    trained, start = _weights(out / "checkpoints" / "step_000004"), M.read_safetensors(tiny_model_dir)
+    assert not torch.equal(trained["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
     return out
 
 
@@ -50,11 +54,15 @@ def _assert_same_run(a: Path, b: Path):
     ma, mb = _metrics(a), _metrics(b)
     assert [m["step"] for m in mb] == [1, 2, 3, 4]  # no step repeated, none missing
     for x, y in zip(ma, mb):
-        for k in ("reward", "accuracy", "response_len", "kl", "grad_norm"):
+        for k in ("reward", "accuracy", "response_len", "rel_len_dev", "kl", "clip_frac", "grad_norm"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+        assert x["len_target_corr"] == (y["len_target_corr"] and pytest.approx(y["len_target_corr"]))
     wa, wb = _weights(a / "checkpoints" / "step_000004"), _weights(b / "checkpoints" / "step_000004")
+    assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    state = json.loads((b / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["world_size"] == 2
 
 
 def test_sigkill_anywhere_then_resume_equals_the_straight_run(straight, tiny_model_dir, tmp_path):

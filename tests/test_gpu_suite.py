@@ -54,8 +54,8 @@ def sleepers() -> set[int]:
 
 def test_toy_suite_runs_every_part_and_a_hung_part_does_not_stop_the_next(tmp_path):
     """The whole run at toy size on CPU (two parts at a time: mostly process start-up), with the loop part made
-    to hang (the real loop and its resume are tests/test_grpo_loop.py's): it is killed at its limit (its grandchild
-    too), the part after it still runs, and the results JSON and the summary table are written."""
+    to hang (the real loop and its resume are test_grpo_loop.py's and test_faults.py's): it is killed at its limit
+    (its grandchild too), the part after it still runs, and the results JSON and the summary table are written."""
     before = sleepers()
     r = suite(tmp_path, "--toy", GPU_SUITE_FAULT="loop:timeout")
     assert r.returncode == 0, r.stderr[-3000:]
