@@ -177,11 +177,8 @@ def test_lora_run_killed_and_resumed_equals_the_straight_run(tiny_model_dir, tmp
     r = _run(tiny_model_dir, out, *flags, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / 'step_000003'} at step 3" in r.stderr
-    ma, mb = _metrics(straight), _metrics(out)
-    assert [m["step"] for m in mb] == [1, 2, 3, 4] and ma[-1]["kl"] > 0
-    for x, y in zip(ma, mb):
-        for k in ("reward", "accuracy", "response_len", "kl", "grad_norm"):
-            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+    _assert_same_run(straight, out)  # the metrics and the merged model of the last save
+    assert _metrics(straight)[-1]["kl"] > 0
     a, b = (M.read_safetensors(run / "checkpoints" / "step_000004" / "adapter") for run in (straight, out))
     assert len(a) == 28 and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -190,9 +187,6 @@ def test_lora_run_killed_and_resumed_equals_the_straight_run(tiny_model_dir, tmp
     with pytest.raises(FileNotFoundError, match=f"python lora.py merge {ckpts / 'step_000003'}"):
         M.resolve_model(str(ckpts / "step_000003" / "model"))  # what evaluate.py --model says of it
     merged = _weights(ckpts / "step_000004")
-    assert all(
-        torch.allclose(merged[k], v, atol=1e-6) for k, v in _weights(out / "checkpoints" / "step_000004").items()
-    )
     base = M.read_safetensors(tiny_model_dir)
     assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
     L.merge(ckpts / "step_000004", tmp_path / "merged")
