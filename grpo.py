@@ -188,6 +188,7 @@ def compute_rewards(samples: list[D.Sample], completions, cfg: Config, reward_st
         g = R.Group(
             correct=correct[i * G : (i + 1) * G],
             lengths=[len(c.token_ids) for c in group],
+            repeated=[R.repeats(c.token_ids) for c in group],
             boxed=[grading.extract_answer(c.text) is not None for c in group],
             target=s.target,
             mode=s.mode,
@@ -209,7 +210,7 @@ def compute_rewards(samples: list[D.Sample], completions, cfg: Config, reward_st
         length_term=length,
         correct=tensor(correct),
         length=tensor([g.lengths for g in groups]),
-        repeats=tensor([R.repeats(c.token_ids) for group in completions for c in group]),
+        repeats=tensor([g.repeated for g in groups]),
         groups=groups,
         grading=stats,
     )

@@ -10,6 +10,7 @@ limit (--max-new-tokens).
 | lcpo          | lcpo-exact or lcpo-max, as the prompt's sentence says               | L1 (the L1-Max recipe)   |
 | lcpo-exact    | c - alpha * |T - n|                                                  | L1, 2503.04697           |
 | lcpo-max      | c * clip(alpha * (T - n) + delta, 0, 1)                              | L1, 2503.04697           |
+| lcpo-norepeat | lcpo - rho * 1[the response repeats a span of its tokens]            | ours, beside L1          |
 | correctness   | c                                                                    | plain GRPO               |
 | dapo          | (2c - 1) + soft overlong punishment over the last L_c tokens         | DAPO, 2503.14476 eq. 13  |
 | laser         | R0 + a * c * 1[n <= L_T], R0 = +1 / -0.5 / -1 (no \\boxed)            | LASER, 2505.15612        |
@@ -57,6 +58,7 @@ class Group:
 
     correct: list[bool]  # graded correct (c_i)
     lengths: list[int]  # n_i: generated tokens, EOS included; a cut response counts as the limit
+    repeated: list[bool]  # repeats a span of its tokens (`repeats`): degenerate padding
     boxed: list[bool]  # wrote a \\boxed{} answer (LASER and GRPO-LEAD score a missing answer apart)
     target: int | None  # T of "Think for T tokens." (None when the prompt has no target)
     mode: str  # the prompt's sentence: "exact" | "max" | "none"
@@ -195,6 +197,22 @@ def lcpo_max(g: Group, alpha_max: float, delta_max: float) -> Terms:
     the defaults: 1.0 when 500+ tokens under the budget, 0.5 at it, 0 when 500+ over."""
     rewards = [c * min(1.0, max(0.0, alpha_max * (g.target - n) + delta_max)) for c, n in zip(_c(g), g.lengths)]
     return _split(g, rewards, _c(g))
+
+
+@reward("lcpo-norepeat", needs_target=True)
+def lcpo_norepeat(
+    g: Group, alpha_exact: float, alpha_max: float, delta_max: float, repeat_penalty: float = 1.0
+) -> Terms:
+    """LCPO (either sentence, as `lcpo`) less a penalty on degenerate repetition: r = r_LCPO - rho * 1[repeats(y)],
+    in the length term. Not in L1: on a task whose answer is short, a small model meets a long target by writing one
+    line over and over (results/HISTORY.md), which LCPO pays in full. With rho = 1, a correct answer padded to the
+    target scores no more than a wrong one, so repetition pays only when an honest response would miss the target
+    by more than 1 / alpha tokens.
+
+    repeat_penalty: reward lost by a response that repeats a span of its tokens (rewards.repeats)
+    """
+    base, length = lcpo(g, alpha_exact, alpha_max, delta_max)
+    return base, [x - repeat_penalty * r for x, r in zip(length, g.repeated)]
 
 
 @reward("correctness")

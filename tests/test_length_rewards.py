@@ -18,6 +18,7 @@ TIGHT = dict(abs=1e-8)
 G4 = Group(
     correct=[True, True, False, False],
     lengths=[40, 60, 30, 100],
+    repeated=[False, False, False, True],
     boxed=[True, True, True, False],
     target=50,
     mode="exact",
@@ -39,7 +40,9 @@ def approx(xs):
 # ------------------------------------------------------------------------------------- L1's reference points
 def _one(name, correct, n, target, mode="exact", **constants):
     """The reward of one response (its correctness term plus its length term), limit 10,000."""
-    g = Group(correct=[correct], lengths=[n], boxed=[True], target=target, mode=mode, limit=10_000, key="p")
+    g = Group(
+        correct=[correct], lengths=[n], repeated=[False], boxed=[True], target=target, mode=mode, limit=10_000, key="p"
+    )
     base, length = R.score_group(name, g, constants)
     return base[0] + length[0]
 
@@ -71,7 +74,9 @@ def test_lcpo_follows_the_prompts_sentence():
     assert _one("lcpo", True, 2500, 1500, "exact") == pytest.approx(0.7, abs=1e-12)
     assert _one("lcpo", True, 2250, 2000, "max") == pytest.approx(0.25, abs=1e-12)
     assert _one("lcpo", False, 2250, 2000, "max") == 0.0
-    g = Group(correct=[True], lengths=[9999], boxed=[True], target=None, mode="none", limit=10_000, key="p")
+    g = Group(
+        correct=[True], lengths=[9999], repeated=[False], boxed=[True], target=None, mode="none", limit=10_000, key="p"
+    )
     assert R.score_group("correctness", g, {}) == ([1.0], [0.0])
     with pytest.raises(ValueError, match="--reward lcpo needs a target length in the prompt.*--target none"):
         R.score_group("lcpo", g, {})
@@ -154,7 +159,9 @@ def test_hapo_values_and_history():
     r, _, _ = reward("hapo", history=history, hapo_weight=1.0)
     assert r == approx([1 + f[0], 1 + max(-0.7, f[1]), min(0.0, f[2]), -1.0])
     assert f[2] > 0 and f[1] < 0  # so the clips matter: a wrong short answer gets 0, not a bonus
-    far = Group(correct=[True], lengths=[90], boxed=[True], target=None, mode="none", limit=100, key="p0")
+    far = Group(
+        correct=[True], lengths=[90], repeated=[False], boxed=[True], target=None, mode="none", limit=100, key="p0"
+    )
     assert reward("hapo", far, history=history)[0] == approx([1 - 0.7])  # cos(0.9 pi) = -0.95, clipped at -0.7
     # the history keeps the shortest correct length per problem, across steps and ranks
     assert history.shortest_correct([G4]) == {"p0": 40}
@@ -184,6 +191,7 @@ def group(correct, lengths, boxed=None, limit=100, target=50, key="p"):
     return Group(
         correct=correct,
         lengths=lengths,
+        repeated=[False] * len(correct),
         boxed=boxed or [True] * len(correct),
         target=target,
         mode="exact",
@@ -267,9 +275,11 @@ def test_group_rewards_against_a_loop(name, k):
 
 
 def test_score_group_and_target_rules():
-    no_target = Group(correct=[True], lengths=[5], boxed=[True], target=None, mode="none", limit=100, key="p")
+    no_target = Group(
+        correct=[True], lengths=[5], repeated=[False], boxed=[True], target=None, mode="none", limit=100, key="p"
+    )
     needs_target = [name for name, r in R.REWARDS.items() if r.needs_target]
-    assert needs_target == ["lcpo", "lcpo-exact", "lcpo-max"]
+    assert needs_target == ["lcpo", "lcpo-exact", "lcpo-max", "lcpo-norepeat"]
     for name in needs_target:
         with pytest.raises(ValueError, match=f"--reward {name} needs a target.*--target none"):
             R.score_group(name, no_target, {})
@@ -279,6 +289,15 @@ def test_score_group_and_target_rules():
     mixed = [G4, Group(**{**G4.__dict__, "mode": "max"})]  # lcpo follows each prompt's sentence
     consts = dict(alpha_exact=0.01, alpha_max=0.01, delta_max=0.5)
     assert [sum(map(sum, R.score_group("lcpo", g, consts))) for g in mixed] == approx([1.1, 1.0])
+
+
+def test_lcpo_norepeat_takes_the_penalty_from_a_repeating_response_only():
+    # G4's last response repeats itself: LCPO's reward (lcpo-exact above) less rho, in the length term.
+    assert reward("lcpo-norepeat")[0] == approx([1 - 0.003, 1 - 0.003, -0.006, -0.015 - 1.0])
+    total, base, length = reward("lcpo-norepeat", repeat_penalty=0.25, alpha_exact=0.01)
+    assert total == approx([0.9, 0.9, -0.2, -0.5 - 0.25]) and base == [1.0, 1.0, 0.0, 0.0]
+    as_max = Group(**{**G4.__dict__, "mode": "max"})  # max prompts: lcpo-max's reward, less the same penalty
+    assert reward("lcpo-norepeat", as_max)[0] == approx([0.51, 0.49, 0.0, -1.0])
 
 
 def test_repeats():
