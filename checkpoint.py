@@ -62,6 +62,7 @@ FREE_ON_RESUME = {
     "save_every",
     "keep_checkpoints",
     "resume",
+    "branch_from",
     "preset",
     "engine",
     "dtype",
@@ -220,15 +221,16 @@ def newest(out: Path) -> Path:
     return found[-1]
 
 
-def check_config(saved: dict, cfg, world_size: int, saved_world_size: int) -> list[str]:
+def check_config(saved: dict, cfg, world_size: int, saved_world_size: int, branch: bool = False) -> list[str]:
     """The resume rule: a change to a field outside FREE_ON_RESUME is refused (SystemExit naming the flags); a
-    change inside it, and a different world size, is returned as a warning to log."""
+    change inside it, and a different world size, is returned as a warning to log. A new run that starts from the
+    checkpoint (--branch-from) may change anything: every change is returned."""
     refused, changed = [], []
     for group, fields in asdict(cfg).items():
         for name, value in fields.items():
             before = saved.get(group, {}).get(name, value)
             if before != value and name not in ("resume", "preset"):
-                (changed if name in FREE_ON_RESUME else refused).append(
+                (changed if name in FREE_ON_RESUME or branch else refused).append(
                     f"--{name.replace('_', '-')} {before!r} -> {value!r}"
                 )
     if refused:

@@ -113,6 +113,8 @@ class RunArgs:
     save_every: int = 50  # steps between checkpoints (and the last step, and on SIGTERM)
     keep_checkpoints: int = 2  # newest complete checkpoints kept, older ones deleted after each save; 0 = all
     resume: bool = False  # continue from the newest complete checkpoint in --out
+    branch_from: str = ""  # a checkpoint of another run (its checkpoints/step_N): this run starts from its weights,
+    # optimizer, data stream and step with the flags given now (an ablation from a midpoint; changes are logged)
     preset: str | None = None  # a named configuration applied before the flags: smollm2-cpu (make train) |
     # smollm2-lcpo-cpu | smollm2-lcpo-cpu-logu | smollm2-lcpo-gpu
 

@@ -374,6 +374,9 @@ def train(cfg: Config) -> None:
             "directory)"
         )
     resume_from = C.newest(out) if cfg.run.resume else None
+    branch = resume_from is None and bool(cfg.run.branch_from)  # start from another run's checkpoint
+    if branch:
+        resume_from = Path(cfg.run.branch_from)
     dist_info = M.init_distributed()
     torch.manual_seed(cfg.run.seed + dist_info.rank)
     random.seed(cfg.run.seed + dist_info.rank)
@@ -416,8 +419,8 @@ def train(cfg: Config) -> None:
         base = dict(L.base_identity(model_dir), dtype=str(base_dtype).removeprefix("torch."))
     if resume_from is not None:
         saved = C.verify(resume_from)
-        for change in C.check_config(saved["config"], cfg, dist_info.world_size, saved["world_size"]):
-            log.warning("--resume from %s: %s", resume_from, change)
+        for change in C.check_config(saved["config"], cfg, dist_info.world_size, saved["world_size"], branch):
+            log.warning("%s %s: %s", "--branch-from" if branch else "--resume from", resume_from, change)
         C.check_base(saved, resume_from, base)
     grading.start_grader()  # the grading processes start while the models load
 
@@ -453,8 +456,12 @@ def train(cfg: Config) -> None:
 
     start = 0
     if resume_from is not None:
-        start = int(C.load(resume_from, policy, optimizer, stream, reward_state, dist_info)["step"])
-        log.warning("resumed from %s at step %d", resume_from, start)
+        # A branch with another reward starts that reward's state afresh.
+        same_reward = saved["config"]["reward"]["reward"] == cfg.reward.reward
+        start = int(
+            C.load(resume_from, policy, optimizer, stream, reward_state if same_reward else None, dist_info)["step"]
+        )
+        log.warning("%s %s at step %d", "branched from" if branch else "resumed from", resume_from, start)
         engine.load_weights(L.full_weights(policy))
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
