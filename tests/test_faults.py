@@ -160,6 +160,25 @@ def test_resume_with_other_settings(straight, tiny_model_dir, tmp_path):
     assert json.loads((out / "checkpoints" / "step_000005" / "state.json").read_text())["world_size"] == 1
 
 
+def test_branch_from_a_checkpoint_of_another_run(straight, tiny_model_dir, tmp_path):
+    """--branch-from: a new run starts from another run's checkpoint (weights, optimizer, data stream, RNG, step)
+    with other flags, each change logged. Here the reward is renamed to one that scores the same (lcpo-norepeat
+    with no penalty), so the branch's step 4 must be the straight run's step 4 exactly."""
+    out = tmp_path / "branch"
+    ckpt = straight / "checkpoints" / "step_000003"
+    r = _run(tiny_model_dir, out, "--branch-from", str(ckpt), *"--reward lcpo-norepeat --repeat-penalty 0".split())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"--branch-from {ckpt}: --reward 'lcpo' -> 'lcpo-norepeat'" in r.stderr
+    assert f"branched from {ckpt} at step 3" in r.stderr
+    (m,), s = _metrics(out), _metrics(straight)[3]
+    assert m["step"] == 4
+    for k in ("reward", "accuracy", "response_len", "rel_len_dev", "kl", "clip_frac", "grad_norm"):
+        assert m[k] == pytest.approx(s[k], rel=1e-5, abs=1e-7), k
+    wa, wb = _weights(straight / "checkpoints" / "step_000004"), _weights(out / "checkpoints" / "step_000004")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert json.loads((out / "config.json").read_text())["reward"]["reward"] == "lcpo-norepeat"
+
+
 def test_lora_run_killed_and_resumed_equals_the_straight_run(tiny_model_dir, tmp_path):
     """The same for a LoRA run (--lora-rank 4; its KL reference is its own base, adapters off): killed mid-save (the
     adapter written, the optimizer not) and mid-update, then resumed, it ends with the adapters, metrics and merged

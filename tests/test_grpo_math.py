@@ -285,7 +285,8 @@ def test_help_says_what_each_flag_takes(capsys):
     assert "mixed (each prompt exact or max, 50/50: the L1-Max recipe) | none (no target) (default: exact)" in out
     assert "| grpo-lead | alp | hapo (default: lcpo)" in out and "--engine ENGINE rollout engine: auto" in out
     # a reward constant's help: the rewards that read it and its docstring line in rewards.py
-    assert "--alpha-exact ALPHA_EXACT lcpo, lcpo-exact: reward lost per token off the target" in out
+    assert "--alpha-exact ALPHA_EXACT lcpo, lcpo-exact, lcpo-norepeat: reward lost per token off the target" in out
+    assert "--repeat-penalty REPEAT_PENALTY lcpo-norepeat: reward lost by a response that repeats" in out
     assert "--laser-budget LASER_BUDGET laser: the length L_T under which a correct answer earns the bonus" in out
 
 
