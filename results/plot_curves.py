@@ -4,8 +4,9 @@
         --labels exact max --out results/l1-smollm2-cpu/curves.png
 
 Each panel shows the per-step value (thin) and a 5-step moving average (thick); a run that did not log a
-metric leaves its panel empty. `--table K` also prints, per run, the plain means of those metrics over windows
-of K steps as a markdown table (the tables in the results READMEs).
+metric leaves its panel empty. `--from-step N` keeps steps >= N (runs branched from one checkpoint). `--table K`
+also prints, per run, the plain means of those metrics over windows of K steps as a markdown table (the tables in
+the results READMEs).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ PANELS = [
     ("response_len", "mean response tokens"),
     ("over_target", "fraction over target"),
     ("len_target_corr", "r(target, response tokens) per step"),
+    ("repeats", "fraction repeating a span"),
 ]
 
 
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--labels", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--table", type=int, metavar="K", help="also print per-run means over windows of K steps")
+    p.add_argument("--from-step", type=int, default=0, metavar="N", help="only steps >= N (a branch's stretch)")
     a = p.parse_args()
     labels = a.labels or [Path(m).parent.name for m in a.metrics]
     if a.table is not None and a.table < 1:
@@ -59,9 +62,10 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.0 * len(PANELS), 3.4))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.6 * len(PANELS), 3.4))
     for i, (path, label) in enumerate(zip(a.metrics, labels)):
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["step"] >= a.from_step]
         if a.table:
             print(f"\n{label} ({path})\n\n{window_table(rows, a.table)}\n")
         for ax, (key, title) in zip(axes, PANELS):

@@ -474,5 +474,12 @@ def test_plot_curves_window_table_means(tmp_path):
         check=True,
     ).stdout
     table = [line for line in out.splitlines() if line.startswith("| 1-2") or line.startswith("| 3-3")]
-    assert table == ["| 1-2 | 0.00 | 0.25 |  |  |  |  | 15.00 |", "| 3-3 | 1.00 | 1.00 |  |  |  | 0.25 | 30.00 |"]
+    assert table == ["| 1-2 | 0.00 | 0.25 |  |  |  |  |  | 15.00 |", "| 3-3 | 1.00 | 1.00 |  |  |  | 0.25 |  | 30.00 |"]
     assert (tmp_path / "c.png").stat().st_size > 0
+    later = subprocess.run(
+        [sys.executable, str(script), str(m), "--from-step", "2", "--table", "5", "--out", str(tmp_path / "d.png")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "| 2-3 | 0.75 | 0.75 |  |  |  | 0.25 |  | 25.00 |" in later
