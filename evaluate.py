@@ -10,6 +10,7 @@ Per model/method, dataset and budget n_gold (k = --samples samples per problem):
   mean_error   mean(n_y) / n_gold - 1 (signed)       over_10pct   fraction with n_y > 1.1 n_gold
   rel_rmse     sqrt(mean((n_y / n_gold - 1)^2))
   repeats      fraction of responses that repeat a span of tokens (rewards.repeats)
+  after_answer mean fraction of a correct response's characters after its answer is first stated (padding)
 mean_error and rel_rmse are the length errors that the L1 paper's appendix reports; rel_dev is stricter than
 mean_error, since a sample's error cannot cancel another's. And per dataset the Pearson correlation r(n_y, n_gold)
 over all samples of all budgets.
@@ -30,6 +31,7 @@ import importlib.metadata
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import time
@@ -100,6 +102,20 @@ def series_name(rec: dict) -> str:
     return f"{rec['model']} · {rec['method']}"
 
 
+def after_answer(response: str, gold: str) -> float | None:
+    """The fraction of a response's characters that come after its answer is first stated: the end of the first
+    `= gold`, `is gold` or `: gold` (else of the first `gold` standing alone, as in "he has 2 marbles left"); None
+    if gold does not occur. Meant for correct responses. What follows the answer is what a model that has nothing
+    left to compute pads a long budget with (the answer restated, thanks, a sentence over and over), so a high
+    value at a long budget says its extra tokens were not spent on the solution. A proxy: a number of the problem
+    equal to the answer, said before it is computed, counts as the answer."""
+    if not response or not gold:
+        return None
+    alone = rf"(?<![\w.]){re.escape(gold.strip())}(?![\w]|\.\d)"
+    m = re.search(rf"(?:=|\bis:?|:)\s*\$?(?:\\boxed\{{)?\s*{alone}", response) or re.search(alone, response)
+    return None if m is None else 1 - m.end() / len(response)
+
+
 def budget_stats(recs: list[dict], budget: int) -> dict:
     """The samples of one dataset at one budget n_gold, over their N samples n_y:
 
@@ -110,9 +126,11 @@ def budget_stats(recs: list[dict], budget: int) -> dict:
     over_budget = mean 1[n_y > n_gold],  over_10pct = mean 1[n_y > 1.1 n_gold]   (max mode)
     repeats     = fraction of responses that repeat a span of tokens (rewards.repeats; None for records
                   written before evaluate.py measured it)
+    after_answer = mean after_answer(response, gold) over the correct responses (None without any)
     """
     n_y = [r["n_tokens"] for r in recs]
     marked = [r["repeats"] for r in recs if "repeats" in r]
+    after = [a for r in recs if r["correct"] and (a := after_answer(r.get("response"), r.get("gold"))) is not None]
     mean_tokens = sum(n_y) / len(recs)
     return {
         "n": len(recs),
@@ -125,6 +143,7 @@ def budget_stats(recs: list[dict], budget: int) -> dict:
         "over_budget": sum(n > budget for n in n_y) / len(recs),
         "over_10pct": sum(n > 1.1 * budget for n in n_y) / len(recs),
         "repeats": sum(marked) / len(marked) if marked else None,
+        "after_answer": sum(after) / len(after) if after else None,
     }
 
 
@@ -133,7 +152,7 @@ AVERAGED = ("accuracy", "mean_tokens", "rel_dev", "mean_error", "rel_rmse", "ove
 
 def summarize(records: list[dict], budgets: list[int]) -> dict:
     """{series: {"datasets": {dataset: {"budgets": {b: stats}, "pearson": r, "n": N}},
-    "average": {b: mean over datasets of each of AVERAGED, and repeats}}}"""
+    "average": {b: mean over datasets of each of AVERAGED, repeats and after_answer}}}"""
     groups: dict[str, dict[str, list[dict]]] = {}
     for r in records:
         groups.setdefault(series_name(r), {}).setdefault(r["dataset"], []).append(r)
@@ -153,8 +172,9 @@ def summarize(records: list[dict], budgets: list[int]) -> dict:
             cells = [d["budgets"][b] for d in datasets.values() if b in d["budgets"]]
             if cells:
                 average[b] = {k: sum(c[k] for c in cells) / len(cells) for k in AVERAGED}
-                rep = [c["repeats"] for c in cells if c.get("repeats") is not None]
-                average[b]["repeats"] = sum(rep) / len(rep) if rep else None
+                for k in ("repeats", "after_answer"):  # absent for some records
+                    xs = [c[k] for c in cells if c.get(k) is not None]
+                    average[b][k] = sum(xs) / len(xs) if xs else None
         out[series] = {"datasets": datasets, "average": average}
     return out
 
@@ -164,7 +184,8 @@ def format_table(summary: dict, budgets: list[int]) -> str:
     lines = [
         "cell: accuracy / mean tokens used (dev: mean relative deviation |n_y - n_gold| / n_gold; err: signed error "
         "of the mean length, mean(n_y) / n_gold - 1; rmse: relative RMSE, sqrt(mean (n_y / n_gold - 1)^2); over: "
-        "fraction of samples over budget; rep: fraction that repeat a span, rewards.repeats); "
+        "fraction of samples over budget; rep: fraction that repeat a span, rewards.repeats; after: mean fraction "
+        "of a correct response after its answer is first stated); "
         "r: Pearson correlation of generated with requested length",
         "",
     ]
@@ -190,6 +211,7 @@ def _cell(c: dict | None) -> str:
         return "-"
     pct = {k: 100 * c[k] for k in ("accuracy", "rel_dev", "over_budget")}
     rep = "" if c.get("repeats") is None else f", rep {100 * c['repeats']:.0f}%"
+    rep += "" if c.get("after_answer") is None else f", after {100 * c['after_answer']:.0f}%"
     return (
         f"{pct['accuracy']:.1f}% / {c['mean_tokens']:.0f} (dev {pct['rel_dev']:.0f}%, "
         f"err {100 * c['mean_error']:+.0f}%, rmse {100 * c['rel_rmse']:.0f}%, over {pct['over_budget']:.0f}%{rep})"

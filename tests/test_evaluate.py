@@ -107,6 +107,27 @@ def test_repetition_in_the_table():
     assert evaluate.summarize(HAND, [100])["m · exact"]["datasets"]["d"]["budgets"][100]["repeats"] is None
 
 
+def test_text_after_the_answer():
+    """after_answer: the fraction of the response after the answer is first stated (after "=", "is", ":"), else after
+    its first standalone occurrence; the mean over correct responses only, in the table as `after`."""
+    assert evaluate.after_answer("3 + 4 = 7. Done.", "7") == pytest.approx(1 - 9 / 16)
+    assert evaluate.after_answer("It has 7 legs; the answer is: 7", "7") == 0.0  # the stated 7, not the problem's
+    assert evaluate.after_answer("He has 7 apples", "7") == pytest.approx(1 - 8 / 15)  # no "=", "is" or ":"
+    assert evaluate.after_answer("The answer is \\boxed{18}. Thanks!", "18") == pytest.approx(1 - 23 / 33)
+    assert evaluate.after_answer("= 17, 0.7, 7.5", "7") is None  # 7 never stands alone
+    assert evaluate.after_answer("", "7") is None and evaluate.after_answer("7", "") is None
+    recs = [
+        dict(rec(10, True, 100), response="3 + 4 = 7. Done.", gold="7"),
+        dict(rec(10, True, 100, sample=1), response="= 7", gold="7"),
+        dict(rec(10, False, 100, sample=2), response="= 7 and more text", gold="8"),  # wrong: not counted
+    ]
+    s = evaluate.summarize(recs, [100])
+    assert s["m · exact"]["datasets"]["d"]["budgets"][100]["after_answer"] == pytest.approx((7 / 16 + 0) / 2)
+    assert s["m · exact"]["average"][100]["after_answer"] == pytest.approx(7 / 32)
+    assert ", after 22%) |" in evaluate.format_table(s, [100])
+    assert evaluate.summarize(HAND, [100])["m · exact"]["datasets"]["d"]["budgets"][100]["after_answer"] is None
+
+
 def test_parse_args_defaults_and_errors():
     cfg = evaluate.parse_args([])
     assert (cfg.models, cfg.labels, cfg.data) == (["smollm2"], ["smollm2"], ["arith"])
