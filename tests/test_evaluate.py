@@ -488,19 +488,13 @@ def test_plot_curves_window_table_means(tmp_path):
     m = tmp_path / "metrics.jsonl"
     m.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     script = Path(evaluate.__file__).parent / "results" / "plot_curves.py"
-    out = subprocess.run(
-        [sys.executable, str(script), str(m), "--labels", "x", "--table", "2", "--out", str(tmp_path / "c.png")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+
+    def plot(*args):
+        return subprocess.run([sys.executable, str(script), str(m), *args], capture_output=True, text=True, check=True)
+
+    out = plot("--labels", "x", "--table", "2", "--out", str(tmp_path / "c.png")).stdout
     table = [line for line in out.splitlines() if line.startswith("| 1-2") or line.startswith("| 3-3")]
     assert table == ["| 1-2 | 0.00 | 0.25 |  |  |  |  |  | 15.00 |", "| 3-3 | 1.00 | 1.00 |  |  |  | 0.25 |  | 30.00 |"]
     assert (tmp_path / "c.png").stat().st_size > 0
-    later = subprocess.run(
-        [sys.executable, str(script), str(m), "--from-step", "2", "--table", "5", "--out", str(tmp_path / "d.png")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    later = plot("--from-step", "2", "--table", "5", "--out", str(tmp_path / "d.png")).stdout
     assert "| 2-3 | 0.75 | 0.75 |  |  |  | 0.25 |  | 25.00 |" in later
