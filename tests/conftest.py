@@ -82,32 +82,10 @@ def spawn_gloo():
 
 # ----------------------------------------------------------------------------- the training loop's test fixtures
 # A tiny random Llama with SmolLM2's tokenizer keeps grpo.py runs to seconds (tests/test_grpo_loop.py, test_faults.py).
-TINY = [
-    "--data",
-    "arith",
-    "--target",
-    "exact",
-    "--target-min",
-    "4",
-    "--target-max",
-    "12",
-    "--max-new-tokens",
-    "8",
-    "--prompts-per-step",
-    "4",
-    "--group-size",
-    "2",
-    "--minibatches",
-    "2",
-    "--lr",
-    "1e-3",
-    "--tokens-per-microbatch",
-    "96",
-    "--max-prompt-tokens",
-    "256",
-    "--engine",
-    "hf",
-]
+TINY = (
+    "--data arith --target exact --target-min 4 --target-max 12 --max-new-tokens 8 --prompts-per-step 4 "
+    "--group-size 2 --minibatches 2 --lr 1e-3 --tokens-per-microbatch 96 --max-prompt-tokens 256 --engine hf"
+).split()
 
 
 TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
