@@ -17,13 +17,13 @@ import model  # noqa: E402
 import rewards  # noqa: E402
 
 tok = AutoTokenizer.from_pretrained(model.resolve_model("smollm2"))
-marks = collections.defaultdict(list)
+marks = collections.defaultdict(list)  # (model, budget) -> one repetition mark per sample
 with gzip.open(Path(__file__).parent / "eval" / "samples.jsonl.gz", "rt") as f:
     for line in f:
         r = json.loads(line)
         ids = tok(r["response"], add_special_tokens=False)["input_ids"]
-        marks[r["model"]].append((r["budget"], rewards.repeats(ids)))
-for name, rows in marks.items():
-    budgets = sorted({b for b, _ in rows})
-    cells = [f"{100 * sum(m for b2, m in rows if b2 == b) / sum(b2 == b for b2, _ in rows):.0f}%" for b in budgets]
+        marks[r["model"], r["budget"]].append(rewards.repeats(ids))
+for name in dict.fromkeys(m for m, _ in marks):
+    budgets = sorted(b for m, b in marks if m == name)
+    cells = [f"{100 * sum(marks[name, b]) / len(marks[name, b]):.0f}%" for b in budgets]
     print(f"{name}: repeats at {' / '.join(map(str, budgets))} tokens: {' / '.join(cells)}")
