@@ -149,18 +149,30 @@ def _env(**extra):
     return env
 
 
-def refusal(argv: list[str]) -> str:
-    """The message grpo.py refuses argv with, raised in this process (the CLI prints the same one and exits
-    non-zero). For the checks that come before any model or engine loads: a process would spend ~6 s importing.
-    The single-process group grpo.train joins stays (model.init_distributed reuses it); the RNG states are kept."""
+def train_here(argv: list[str]) -> None:
+    """grpo.py's run of argv in this process, as one rank: the same grpo.train the CLI calls, without the ~6 s a
+    fresh process spends importing. Its warnings go to logging (caplog), not stderr. The single-process group it
+    joins is destroyed at the end of a run and made again by the next (model.init_distributed); the RNG states and
+    the SIGTERM handler are restored."""
     import random
+    import signal
 
     import grpo
 
-    state = random.getstate()
-    with torch.random.fork_rng(devices=[]), pytest.raises((SystemExit, RuntimeError, ValueError)) as e:
-        grpo.train(grpo.parse_args(argv))
-    random.setstate(state)
+    state, handler = random.getstate(), signal.getsignal(signal.SIGTERM)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            grpo.train(grpo.parse_args(argv))
+    finally:
+        random.setstate(state)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def refusal(argv: list[str]) -> str:
+    """The message grpo.py refuses argv with, raised in this process (train_here; the CLI prints the same one and
+    exits non-zero)."""
+    with pytest.raises((SystemExit, RuntimeError, ValueError)) as e:
+        train_here(argv)
     return str(e.value)
 
 

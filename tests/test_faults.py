@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,18 +15,18 @@ import torch
 
 import checkpoint as C
 import model as M
-from conftest import TINY, _env, _metrics, _weights, refusal, torchrun
+from conftest import TINY, _env, _metrics, _weights, refusal, torchrun, train_here
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [*TINY, *"--steps 4 --save-every 1 --seed 3".split()]  # --keep-checkpoints 2, the default
 
 
-def _run(model_dir, out, *extra, nproc=2, fault=None, timeout=300):
-    """grpo.py under torchrun in its own session (a fault kills that whole process group, torchrun included)."""
-    launch = torchrun(nproc) if nproc > 1 else [sys.executable]
+def _run(model_dir, out, *extra, fault=None, timeout=300):
+    """grpo.py under torchrun, 2 processes, in its own session (a fault kills that whole process group, torchrun
+    included)."""
     env = _env(**({"LCPO_FAULT": fault} if fault else {}))
     return subprocess.run(
-        [*launch, str(ROOT / "grpo.py"), *RUN, "--model", model_dir, "--out", str(out), *extra],
+        [*torchrun(2), str(ROOT / "grpo.py"), *RUN, "--model", model_dir, "--out", str(out), *extra],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -95,7 +94,7 @@ def test_sigkill_anywhere_then_resume_equals_the_straight_run(straight, tiny_mod
     _assert_same_run(straight, out)
 
 
-def test_what_a_killed_run_leaves_behind(straight, tiny_model_dir, tmp_path):
+def test_what_a_killed_run_leaves_behind(straight, tiny_model_dir, tmp_path, caplog):
     """Incomplete checkpoints are skipped, each named with why; a complete-looking one that cannot be read is an
     error naming the file, never a start from scratch; and the run directory is left as it was."""
     out = tmp_path / "run"
@@ -104,11 +103,10 @@ def test_what_a_killed_run_leaves_behind(straight, tiny_model_dir, tmp_path):
     (ckpts / "step_000005.tmp").mkdir()
     shutil.copytree(ckpts / "step_000004", ckpts / "step_000006")
     (ckpts / "step_000006" / "state.json").unlink()
-    r = _run(tiny_model_dir, out, "--resume", nproc=1)  # --steps 4: nothing left to train
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"skipping {ckpts / 'step_000005.tmp'}: a save that did not finish (.tmp)" in r.stderr
-    assert f"skipping {ckpts / 'step_000006'}: no state.json: the save did not finish" in r.stderr
-    assert f"resumed from {ckpts / 'step_000004'} at step 4" in r.stderr
+    train_here([*RUN, "--model", tiny_model_dir, "--out", str(out), "--resume"])  # --steps 4: nothing left to train
+    assert f"skipping {ckpts / 'step_000005.tmp'}: a save that did not finish (.tmp)" in caplog.text
+    assert f"skipping {ckpts / 'step_000006'}: no state.json: the save did not finish" in caplog.text
+    assert f"resumed from {ckpts / 'step_000004'} at step 4" in caplog.text
 
     before = {p: p.read_bytes() for p in (out / "config.json", out / "metrics.jsonl")}
     model = ckpts / "step_000004" / "model" / "model.safetensors"
@@ -139,7 +137,7 @@ def test_what_a_killed_run_leaves_behind(straight, tiny_model_dir, tmp_path):
     assert {p: p.read_bytes() for p in before} == before
 
 
-def test_resume_with_other_settings(straight, tiny_model_dir, tmp_path):
+def test_resume_with_other_settings(straight, tiny_model_dir, tmp_path, caplog):
     """The README's rule: settings that define the run (model, data, reward, optimization, seed) are refused on
     resume, naming the flags; how the run executes (engine, micro-batching, steps, world size) may change, with a
     warning saying what changed."""
@@ -152,10 +150,11 @@ def test_resume_with_other_settings(straight, tiny_model_dir, tmp_path):
     )
     assert "--resume: the checkpoint was trained with other settings that define the run" in msg
     assert f"--model {tiny_model_dir!r} -> {str(other)!r}" in msg and "--lr 0.001 -> 0.5" in msg
-    r = _run(tiny_model_dir, out, "--resume", "--tokens-per-microbatch", "64", "--steps", "5", nproc=1)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "--tokens-per-microbatch 96 -> 64" in r.stderr and "--steps 4 -> 5" in r.stderr
-    assert "world size 2 -> 1 (the optimizer state is resharded" in r.stderr
+    train_here(
+        [*RUN, "--model", tiny_model_dir, "--out", str(out), *"--resume --tokens-per-microbatch 64 --steps 5".split()]
+    )
+    assert "--tokens-per-microbatch 96 -> 64" in caplog.text and "--steps 4 -> 5" in caplog.text
+    assert "world size 2 -> 1 (the optimizer state is resharded" in caplog.text
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
     assert json.loads((out / "checkpoints" / "step_000005" / "state.json").read_text())["world_size"] == 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, _env, _metrics, needs_vllm, refusal, torchrun
+from conftest import TINY, _env, _metrics, needs_vllm, refusal, torchrun, train_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,16 +253,10 @@ def test_failed_save_is_a_clear_error(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoints").write_text("not a directory")
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "grpo.py"), *TINY, "--model", tiny_model_dir, "--steps", "1", "--out", str(out)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode != 0
-    assert f"saving checkpoint {out / 'checkpoints' / 'step_000001'} failed" in r.stderr and "GiB free" in r.stderr
+    with pytest.raises(RuntimeError) as e:
+        train_here([*TINY, "--model", tiny_model_dir, "--steps", "1", "--out", str(out)])
+    assert f"saving checkpoint {out / 'checkpoints' / 'step_000001'} failed" in str(e.value)
+    assert "GiB free" in str(e.value)
     assert [m["step"] for m in _metrics(out)] == [1]  # the step's metrics were written before the save
 
 
@@ -373,16 +367,7 @@ def test_variant_flags_run_a_step(tiny_model_dir, tmp_path, extra):
     clip-higher, dropping equal groups, plain GRPO, packed rows on CPU, either compute dtype on CPU) run the real
     loop and log a step."""
     out = tmp_path / "run"
-    flags = ["--model", tiny_model_dir, "--steps", "1", "--out", str(out), *extra]
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "grpo.py"), *TINY, *flags],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    train_here([*TINY, "--model", tiny_model_dir, "--steps", "1", "--out", str(out), *extra])
     (m,) = _metrics(out)
     assert m["step"] == 1 and (m["kl"] == 0 if "--kl-coef" in extra else True)
     cfg = json.loads((out / "config.json").read_text())

