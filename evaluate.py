@@ -31,7 +31,6 @@ import importlib.metadata
 import json
 import math
 import random
-import re
 import subprocess
 import sys
 import time
@@ -102,20 +101,6 @@ def series_name(rec: dict) -> str:
     return f"{rec['model']} · {rec['method']}"
 
 
-def after_answer(response: str, gold: str) -> float | None:
-    """The fraction of a response's characters that come after its answer is first stated: the end of the first
-    `= gold`, `is gold` or `: gold` (else of the first `gold` standing alone, as in "he has 2 marbles left"); None
-    if gold does not occur. Meant for correct responses. What follows the answer is what a model that has nothing
-    left to compute pads a long budget with (the answer restated, thanks, a sentence over and over), so a high
-    value at a long budget says its extra tokens were not spent on the solution. A proxy: a number of the problem
-    equal to the answer, said before it is computed, counts as the answer."""
-    if not response or not gold:
-        return None
-    alone = rf"(?<![\w.]){re.escape(gold.strip())}(?![\w]|\.\d)"
-    m = re.search(rf"(?:=|\bis:?|:)\s*\$?(?:\\boxed\{{)?\s*{alone}", response) or re.search(alone, response)
-    return None if m is None else 1 - m.end() / len(response)
-
-
 def budget_stats(recs: list[dict], budget: int) -> dict:
     """The samples of one dataset at one budget n_gold, over their N samples n_y:
 
@@ -126,11 +111,13 @@ def budget_stats(recs: list[dict], budget: int) -> dict:
     over_budget = mean 1[n_y > n_gold],  over_10pct = mean 1[n_y > 1.1 n_gold]   (max mode)
     repeats     = fraction of responses that repeat a span of tokens (rewards.repeats; None for records
                   written before evaluate.py measured it)
-    after_answer = mean after_answer(response, gold) over the correct responses (None without any)
+    after_answer = mean grading.after_answer(response, gold) over the correct responses (None without any)
     """
     n_y = [r["n_tokens"] for r in recs]
     marked = [r["repeats"] for r in recs if "repeats" in r]
-    after = [a for r in recs if r["correct"] and (a := after_answer(r.get("response"), r.get("gold"))) is not None]
+    after = [
+        a for r in recs if r["correct"] and (a := grading.after_answer(r.get("response"), r.get("gold"))) is not None
+    ]
     mean_tokens = sum(n_y) / len(recs)
     return {
         "n": len(recs),

@@ -3,6 +3,8 @@ r"""Grading: is a response's final answer the gold answer? Bounded and sandboxed
 `grade_batch(responses, golds)` returns each response's correctness and a `GradeStats` of what the bounds did (for
 a training step's metrics); `grade` and `is_correct` are its short forms, `start_grader` starts the pool early.
 rewards.py never grades: grpo.py and evaluate.py call this module, and the rewards read its verdicts.
+`after_answer` says how much of a response follows its answer's first statement: the padding that evaluate.py
+reports and that --reward lcpo-noafter pays nothing for.
 
 Grading design
   1. Extraction (`extract_answer`): text after the first `</think>` if there is one (our default model is
@@ -166,6 +168,21 @@ def last_number(response: str) -> str | None:
     text = _final_part(response)[-2000:]
     found = _LAST_NUMBER.findall(text)
     return found[-1].replace(",", "") if found else None
+
+
+def after_answer(response: str, gold: str) -> float | None:
+    """The fraction of a response's characters that come after its answer is first stated: the end of the first
+    `= gold`, `is gold` or `: gold` (else of the first `gold` standing alone, as in "he has 2 marbles left"); None
+    if gold does not occur. Meant for correct responses. What follows the answer is what a model that has nothing
+    left to compute pads a long budget with (the answer restated, thanks, a sentence over and over), so a high
+    value at a long budget says its extra tokens were not spent on the solution. A proxy: a number of the problem
+    equal to the answer, said before it is computed, counts as the answer. Linear in the response's length (the
+    whitespace runs it skips are bounded), as the response is untrusted."""
+    if not response or not gold:
+        return None
+    alone = rf"(?<![\w.]){re.escape(gold.strip())}(?![\w]|\.\d)"
+    m = re.search(rf"(?:=|\bis:?|:)\s{{0,8}}\$?(?:\\boxed\{{)?\s{{0,8}}{alone}", response) or re.search(alone, response)
+    return None if m is None else 1 - m.end() / len(response)
 
 
 # ------------------------------------------------------------------------------------------- normalization

@@ -167,6 +167,7 @@ class StepRewards:
     correct: torch.Tensor  # 1 if graded correct
     length: torch.Tensor  # n_y: generated tokens, EOS included (a response cut at the limit counts as the limit)
     repeats: torch.Tensor  # 1 if it repeats a span of tokens (rewards.repeats)
+    after: torch.Tensor  # tokens after the answer is first stated; 0 for a wrong response
     groups: list[R.Group]
     grading: grading.GradeStats
 
@@ -185,10 +186,12 @@ def compute_rewards(samples: list[D.Sample], completions, cfg: Config, reward_st
     G, constants = cfg.grpo.group_size, cfg.reward.constants()
     groups, base, length = [], [], []
     for i, (s, group) in enumerate(zip(samples, completions)):
+        ok = correct[i * G : (i + 1) * G]
         g = R.Group(
-            correct=correct[i * G : (i + 1) * G],
+            correct=ok,
             lengths=[len(c.token_ids) for c in group],
             repeated=[R.repeats(c.token_ids) for c in group],
+            after=[tokens_after_answer(c, s.problem.answer) if c_ok else 0 for c, c_ok in zip(group, ok)],
             boxed=[grading.extract_answer(c.text) is not None for c in group],
             target=s.target,
             mode=s.mode,
@@ -211,9 +214,17 @@ def compute_rewards(samples: list[D.Sample], completions, cfg: Config, reward_st
         correct=tensor(correct),
         length=tensor([g.lengths for g in groups]),
         repeats=tensor([g.repeated for g in groups]),
+        after=tensor([g.after for g in groups]),
         groups=groups,
         grading=stats,
     )
+
+
+def tokens_after_answer(completion, gold: str) -> int:
+    """The tokens of a response after its answer is first stated (grading.after_answer's share of its characters,
+    in tokens: close enough for a reward, and it needs no tokenizer); 0 where the answer is not found."""
+    fraction = grading.after_answer(completion.text, gold)
+    return 0 if fraction is None else round(fraction * len(completion.token_ids))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -576,6 +587,7 @@ def step_metrics(step: int, samples, completions, scores: StepRewards, stats: di
             "rel_dev": (off / targets.clamp(min=1)).sum(),
             "over": (lengths > targets).sum(),
             "repeats": scores.repeats.sum(),
+            "after": (scores.after / lengths.clamp(min=1)).sum(),  # a wrong response's is 0
             "truncated": sum(c.finish_reason == "length" for group in completions for c in group),
             "equal_groups": equal_reward_groups(scores.reward).sum(),
             "clip_frac": stats["clip_frac"],
@@ -615,6 +627,7 @@ def step_metrics(step: int, samples, completions, scores: StepRewards, stats: di
         over_target=sums["over"] / n,
         truncated=sums["truncated"] / n,
         repeats=sums["repeats"] / n,
+        after_answer=sums["after"] / max(sums["correct"], 1.0),  # share of a correct response after its answer
         equal_groups=sums["equal_groups"] / sums["groups"],
         clip_frac=sums["clip_frac"] / tok,
         kl=sums["kl"] / tok,
@@ -692,8 +705,8 @@ def _drop_prompts_over_limit(problems, tokenizer, cfg: Config):
 def _summary(m: dict) -> str:
     return (
         f"step {m['step']:>4} | reward {m['reward']:+.3f} acc {m['accuracy']:.2f} | len {m['response_len']:6.1f} "
-        f"rel_dev {m['rel_len_dev']:.2f} rep {m['repeats']:.2f} | kl {m['kl']:.4f} clip {m['clip_frac']:.3f} "
-        f"ent {m['entropy']:.2f} gnorm {m['grad_norm']:.3f} | gen {m['time_generate']:.1f}s "
+        f"rel_dev {m['rel_len_dev']:.2f} rep {m['repeats']:.2f} after {m['after_answer']:.2f} | kl {m['kl']:.4f} "
+        f"clip {m['clip_frac']:.3f} ent {m['entropy']:.2f} gnorm {m['grad_norm']:.3f} | gen {m['time_generate']:.1f}s "
         f"score {m['time_score']:.1f}s train {m['time_train']:.1f}s sync {m['time_sync']:.1f}s"
     )
 

@@ -3,14 +3,15 @@
 Every reward scores one group, the G responses of one prompt (`Group`), and is written as a correctness term plus
 a length term, r_i = base_i + length_i, so the step's metrics can show the length term apart (`length_term`).
 Notation: c_i in {0, 1} correct, n_i generated tokens of the response (the thinking and the answer, EOS included; a
-response cut at the limit counts as the limit), T the target in the prompt ("Think for T tokens."), L the response
-limit (--max-new-tokens).
+response cut at the limit counts as the limit), a_i the tokens after its answer is first stated, T the target in
+the prompt ("Think for T tokens."), L the response limit (--max-new-tokens).
 
 | name          | r_i                                                                  | source                   |
 | lcpo          | lcpo-exact or lcpo-max, as the prompt's sentence says               | L1 (the L1-Max recipe)   |
 | lcpo-exact    | c - alpha * |T - n|                                                  | L1, 2503.04697           |
 | lcpo-max      | c * clip(alpha * (T - n) + delta, 0, 1)                              | L1, 2503.04697           |
 | lcpo-norepeat | lcpo - rho * 1[the response repeats a span of its tokens]            | ours, beside L1          |
+| lcpo-noafter  | lcpo-norepeat - alpha * a, a the tokens after the answer (exact)      | ours, beside L1          |
 | correctness   | c                                                                    | plain GRPO               |
 | dapo          | (2c - 1) + soft overlong punishment over the last L_c tokens         | DAPO, 2503.14476 eq. 13  |
 | laser         | R0 + a * c * 1[n <= L_T], R0 = +1 / -0.5 / -1 (no \\boxed)            | LASER, 2505.15612        |
@@ -59,6 +60,7 @@ class Group:
     correct: list[bool]  # graded correct (c_i)
     lengths: list[int]  # n_i: generated tokens, EOS included; a cut response counts as the limit
     repeated: list[bool]  # repeats a span of its tokens (`repeats`): degenerate padding
+    after: list[int]  # tokens after the answer is first stated (grading.after_answer); 0 for a wrong response
     boxed: list[bool]  # wrote a \\boxed{} answer (LASER and GRPO-LEAD score a missing answer apart)
     target: int | None  # T of "Think for T tokens." (None when the prompt has no target)
     mode: str  # the prompt's sentence: "exact" | "max" | "none"
@@ -213,6 +215,21 @@ def lcpo_norepeat(
     """
     base, length = lcpo(g, alpha_exact, alpha_max, delta_max)
     return base, [x - repeat_penalty * r for x, r in zip(length, g.repeated)]
+
+
+@reward("lcpo-noafter", needs_target=True)
+def lcpo_noafter(g: Group, alpha_exact: float, alpha_max: float, delta_max: float, repeat_penalty: float) -> Terms:
+    """lcpo-norepeat, and on "Think for T tokens." the tokens after the answer cost as much as tokens off the
+    target: r = c - alpha * |T - n| - alpha * a - rho * 1[repeats(y)], a the tokens after the answer is first
+    stated (0 for a wrong response). Not in L1: a model with nothing left to compute meets a long target by writing
+    on after its answer (results/HISTORY.md). Here, for a response under the target, every token after the answer
+    gains alpha for nearing T and loses alpha again, so only tokens before the answer (the solution) bring the
+    length closer; over the target, they cost 2 alpha each. Max prompts are lcpo-norepeat's (there, shorter already
+    pays)."""
+    base, length = lcpo_norepeat(g, alpha_exact, alpha_max, delta_max, repeat_penalty)
+    if g.mode == "max":
+        return base, length
+    return base, [x - alpha_exact * a for x, a in zip(length, g.after)]
 
 
 @reward("correctness")

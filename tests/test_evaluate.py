@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import evaluate
+import grading
 from conftest import needs_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,12 +111,13 @@ def test_repetition_in_the_table():
 def test_text_after_the_answer():
     """after_answer: the fraction of the response after the answer is first stated (after "=", "is", ":"), else after
     its first standalone occurrence; the mean over correct responses only, in the table as `after`."""
-    assert evaluate.after_answer("3 + 4 = 7. Done.", "7") == pytest.approx(1 - 9 / 16)
-    assert evaluate.after_answer("It has 7 legs; the answer is: 7", "7") == 0.0  # the stated 7, not the problem's
-    assert evaluate.after_answer("He has 7 apples", "7") == pytest.approx(1 - 8 / 15)  # no "=", "is" or ":"
-    assert evaluate.after_answer("The answer is \\boxed{18}. Thanks!", "18") == pytest.approx(1 - 23 / 33)
-    assert evaluate.after_answer("= 17, 0.7, 7.5", "7") is None  # 7 never stands alone
-    assert evaluate.after_answer("", "7") is None and evaluate.after_answer("7", "") is None
+    assert grading.after_answer("3 + 4 = 7. Done.", "7") == pytest.approx(1 - 9 / 16)
+    assert grading.after_answer("It has 7 legs; the answer is: 7", "7") == 0.0  # the stated 7, not the problem's
+    assert grading.after_answer("He has 7 apples", "7") == pytest.approx(1 - 8 / 15)  # no "=", "is" or ":"
+    assert grading.after_answer("The answer is \\boxed{18}. Thanks!", "18") == pytest.approx(1 - 23 / 33)
+    assert grading.after_answer("= 17, 0.7, 7.5", "7") is None  # 7 never stands alone
+    assert grading.after_answer("", "7") is None and grading.after_answer("7", "") is None
+    assert grading.after_answer("x =" + " " * 100_000 + "8", "7") is None  # linear: the spaces skipped are bounded
     recs = [
         dict(rec(10, True, 100), response="3 + 4 = 7. Done.", gold="7"),
         dict(rec(10, True, 100, sample=1), response="= 7", gold="7"),

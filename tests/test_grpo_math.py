@@ -285,8 +285,11 @@ def test_help_says_what_each_flag_takes(capsys):
     assert "mixed (each prompt exact or max, 50/50: the L1-Max recipe) | none (no target) (default: exact)" in out
     assert "| grpo-lead | alp | hapo (default: lcpo)" in out and "--engine ENGINE rollout engine: auto" in out
     # a reward constant's help: the rewards that read it and its docstring line in rewards.py
-    assert "--alpha-exact ALPHA_EXACT lcpo, lcpo-exact, lcpo-norepeat: reward lost per token off the target" in out
-    assert "--repeat-penalty REPEAT_PENALTY lcpo-norepeat: reward lost by a response that repeats" in out
+    assert (
+        "--alpha-exact ALPHA_EXACT lcpo, lcpo-exact, lcpo-norepeat, lcpo-noafter: reward lost per token off the target"
+        in out
+    )
+    assert "--repeat-penalty REPEAT_PENALTY lcpo-norepeat, lcpo-noafter: reward lost by a response that repeats" in out
     assert "--laser-budget LASER_BUDGET laser: the length L_T under which a correct answer earns the bonus" in out
 
 
@@ -298,6 +301,30 @@ def test_pearson_from_sums_matches_numpy():
     assert pearson_from_sums(*sums) == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-12)
     assert pearson_from_sums(3, 30.0, 6.0, 300.0, 14.0, 60.0) is None  # x constant (10, 10, 10)
     assert pearson_from_sums(1, 5.0, 7.0, 25.0, 49.0, 35.0) is None
+
+
+def test_tokens_after_the_answer_reach_the_reward_and_the_metrics():
+    """A correct response's tokens after its answer (its share of characters after the first "= 4") go into the
+    group (`after`), --reward lcpo-noafter charges them, and the step's `after_answer` is their share of a correct
+    response; a wrong response has none."""
+    import data as D
+    import model as M
+    import rewards as R
+    from grpo import compute_rewards, step_metrics
+    from rollout import Completion
+
+    argv = ["--target", "exact", "--group-size", "2", "--max-new-tokens", "32", "--reward", "lcpo-noafter"]
+    cfg = parse_args([*argv, "--alpha-exact", "0.01"])
+    samples = [D.Sample(D.Problem("How much is 2 + 2?", "4", "t", "t:0"), 30, "exact", "p")]
+    # 32 characters, 16 of them after "= \\boxed{4": 10 of the 20 tokens
+    right = Completion(list(range(20)), "2 + 2 = \\boxed{4}. Thanks, bye!!", "stop")
+    completions = [[right, Completion([5] * 4, "= \\boxed{5}", "stop")]]
+    scores = compute_rewards(samples, completions, cfg, R.HapoHistory())
+    assert len(right.text) == 32 and scores.groups[0].after == [10, 0] and scores.after.tolist() == [[10.0, 0.0]]
+    assert scores.reward[0].tolist() == pytest.approx([1 - 0.01 * 10 - 0.01 * 10, -0.01 * 26])
+    stats = dict(tokens=24, clip_frac=0.0, kl=0.0, entropy=0.0, tis_mismatch=0.0, ratio_min=1, ratio_max=1, grad_norm=0)
+    m = step_metrics(1, samples, completions, scores, stats, M.init_distributed(), times=dict(step=1.0))
+    assert m["after_answer"] == pytest.approx(10 / 20) and m["accuracy"] == 0.5
 
 
 def test_step_metrics_count_items_a_grading_bound_hit():

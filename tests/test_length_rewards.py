@@ -13,12 +13,13 @@ from rewards import Group
 
 TIGHT = dict(abs=1e-8)
 
-# The hand-computed group: L = 100, T = 50; two correct (40 and 60 tokens), a wrong boxed answer (30 tokens) and a
-# response cut at the limit without an answer (100 tokens).
+# The hand-computed group: L = 100, T = 50; two correct (40 and 60 tokens, the second with 20 after its answer), a
+# wrong boxed answer (30 tokens) and a response cut at the limit without an answer (100 tokens).
 G4 = Group(
     correct=[True, True, False, False],
     lengths=[40, 60, 30, 100],
     repeated=[False, False, False, True],
+    after=[0, 20, 0, 0],
     boxed=[True, True, True, False],
     target=50,
     mode="exact",
@@ -41,7 +42,15 @@ def approx(xs):
 def _one(name, correct, n, target, mode="exact", **constants):
     """The reward of one response (its correctness term plus its length term), limit 10,000."""
     g = Group(
-        correct=[correct], lengths=[n], repeated=[False], boxed=[True], target=target, mode=mode, limit=10_000, key="p"
+        correct=[correct],
+        lengths=[n],
+        repeated=[False],
+        after=[0],
+        boxed=[True],
+        target=target,
+        mode=mode,
+        limit=10_000,
+        key="p",
     )
     base, length = R.score_group(name, g, constants)
     return base[0] + length[0]
@@ -75,7 +84,15 @@ def test_lcpo_follows_the_prompts_sentence():
     assert _one("lcpo", True, 2250, 2000, "max") == pytest.approx(0.25, abs=1e-12)
     assert _one("lcpo", False, 2250, 2000, "max") == 0.0
     g = Group(
-        correct=[True], lengths=[9999], repeated=[False], boxed=[True], target=None, mode="none", limit=10_000, key="p"
+        correct=[True],
+        lengths=[9999],
+        repeated=[False],
+        after=[0],
+        boxed=[True],
+        target=None,
+        mode="none",
+        limit=10_000,
+        key="p",
     )
     assert R.score_group("correctness", g, {}) == ([1.0], [0.0])
     with pytest.raises(ValueError, match="--reward lcpo needs a target length in the prompt.*--target none"):
@@ -160,7 +177,15 @@ def test_hapo_values_and_history():
     assert r == approx([1 + f[0], 1 + max(-0.7, f[1]), min(0.0, f[2]), -1.0])
     assert f[2] > 0 and f[1] < 0  # so the clips matter: a wrong short answer gets 0, not a bonus
     far = Group(
-        correct=[True], lengths=[90], repeated=[False], boxed=[True], target=None, mode="none", limit=100, key="p0"
+        correct=[True],
+        lengths=[90],
+        repeated=[False],
+        after=[0],
+        boxed=[True],
+        target=None,
+        mode="none",
+        limit=100,
+        key="p0",
     )
     assert reward("hapo", far, history=history)[0] == approx([1 - 0.7])  # cos(0.9 pi) = -0.95, clipped at -0.7
     # the history keeps the shortest correct length per problem, across steps and ranks
@@ -192,6 +217,7 @@ def group(correct, lengths, boxed=None, limit=100, target=50, key="p"):
         correct=correct,
         lengths=lengths,
         repeated=[False] * len(correct),
+        after=[0] * len(correct),
         boxed=boxed or [True] * len(correct),
         target=target,
         mode="exact",
@@ -276,10 +302,18 @@ def test_group_rewards_against_a_loop(name, k):
 
 def test_score_group_and_target_rules():
     no_target = Group(
-        correct=[True], lengths=[5], repeated=[False], boxed=[True], target=None, mode="none", limit=100, key="p"
+        correct=[True],
+        lengths=[5],
+        repeated=[False],
+        after=[0],
+        boxed=[True],
+        target=None,
+        mode="none",
+        limit=100,
+        key="p",
     )
     needs_target = [name for name, r in R.REWARDS.items() if r.needs_target]
-    assert needs_target == ["lcpo", "lcpo-exact", "lcpo-max", "lcpo-norepeat"]
+    assert needs_target == ["lcpo", "lcpo-exact", "lcpo-max", "lcpo-norepeat", "lcpo-noafter"]
     for name in needs_target:
         with pytest.raises(ValueError, match=f"--reward {name} needs a target.*--target none"):
             R.score_group(name, no_target, {})
@@ -298,6 +332,20 @@ def test_lcpo_norepeat_takes_the_penalty_from_a_repeating_response_only():
     assert total == approx([0.9, 0.9, -0.2, -0.5 - 0.25]) and base == [1.0, 1.0, 0.0, 0.0]
     as_max = Group(**{**G4.__dict__, "mode": "max"})  # max prompts: lcpo-max's reward, less the same penalty
     assert reward("lcpo-norepeat", as_max)[0] == approx([0.51, 0.49, 0.0, -1.0])
+
+
+def test_lcpo_noafter_pays_nothing_for_tokens_after_the_answer():
+    # G4's second response has 20 of its 60 tokens after its answer: on top of lcpo-norepeat, alpha per such token.
+    total, base, length = reward("lcpo-noafter", alpha_exact=0.01)
+    assert total == approx([0.9, 0.9 - 0.2, -0.2, -0.5 - 1.0]) and base == [1.0, 1.0, 0.0, 0.0]
+    # under the target, answering at the same token and then writing on earns nothing: 30 tokens and an answer at
+    # the end score the same as 45 tokens with 15 after the answer (T = 50); the solution written longer does gain
+    padded = Group(**{**G4.__dict__, "correct": [True] * 3, "lengths": [30, 45, 45], "after": [0, 15, 0]})
+    padded = Group(**{**padded.__dict__, "repeated": [False] * 3, "boxed": [True] * 3})
+    assert reward("lcpo-noafter", padded, alpha_exact=0.01)[0] == approx([0.8, 0.8, 0.95])
+    assert reward("lcpo-norepeat", padded, alpha_exact=0.01)[0] == approx([0.8, 0.95, 0.95])  # padding pays there
+    as_max = Group(**{**G4.__dict__, "mode": "max"})  # max prompts: lcpo-norepeat's reward, shorter already pays
+    assert reward("lcpo-noafter", as_max)[0] == reward("lcpo-norepeat", as_max)[0]
 
 
 def test_repeats():
