@@ -38,10 +38,9 @@ def approx(xs):
     return pytest.approx(xs, **TIGHT)
 
 
-# ------------------------------------------------------------------------------------- L1's reference points
-def _one(name, correct, n, target, mode="exact", **constants):
-    """The reward of one response (its correctness term plus its length term), limit 10,000."""
-    g = Group(
+def single(correct, n, target=None, mode="none", limit=10_000, key="p") -> Group:
+    """A group of one response that wrote a \\boxed{} answer, repeats nothing and has nothing after its answer."""
+    return Group(
         correct=[correct],
         lengths=[n],
         repeated=[False],
@@ -49,9 +48,15 @@ def _one(name, correct, n, target, mode="exact", **constants):
         boxed=[True],
         target=target,
         mode=mode,
-        limit=10_000,
-        key="p",
+        limit=limit,
+        key=key,
     )
+
+
+# ------------------------------------------------------------------------------------- L1's reference points
+def _one(name, correct, n, target, mode="exact", **constants):
+    """The reward of one response (its correctness term plus its length term), limit 10,000."""
+    g = single(correct, n, target, mode)
     base, length = R.score_group(name, g, constants)
     return base[0] + length[0]
 
@@ -83,17 +88,7 @@ def test_lcpo_follows_the_prompts_sentence():
     assert _one("lcpo", True, 2500, 1500, "exact") == pytest.approx(0.7, abs=1e-12)
     assert _one("lcpo", True, 2250, 2000, "max") == pytest.approx(0.25, abs=1e-12)
     assert _one("lcpo", False, 2250, 2000, "max") == 0.0
-    g = Group(
-        correct=[True],
-        lengths=[9999],
-        repeated=[False],
-        after=[0],
-        boxed=[True],
-        target=None,
-        mode="none",
-        limit=10_000,
-        key="p",
-    )
+    g = single(True, 9999)
     assert R.score_group("correctness", g, {}) == ([1.0], [0.0])
     with pytest.raises(ValueError, match="--reward lcpo needs a target length in the prompt.*--target none"):
         R.score_group("lcpo", g, {})
@@ -176,17 +171,7 @@ def test_hapo_values_and_history():
     r, _, _ = reward("hapo", history=history, hapo_weight=1.0)
     assert r == approx([1 + f[0], 1 + max(-0.7, f[1]), min(0.0, f[2]), -1.0])
     assert f[2] > 0 and f[1] < 0  # so the clips matter: a wrong short answer gets 0, not a bonus
-    far = Group(
-        correct=[True],
-        lengths=[90],
-        repeated=[False],
-        after=[0],
-        boxed=[True],
-        target=None,
-        mode="none",
-        limit=100,
-        key="p0",
-    )
+    far = single(True, 90, limit=100, key="p0")
     assert reward("hapo", far, history=history)[0] == approx([1 - 0.7])  # cos(0.9 pi) = -0.95, clipped at -0.7
     # the history keeps the shortest correct length per problem, across steps and ranks
     assert history.shortest_correct([G4]) == {"p0": 40}
@@ -301,17 +286,7 @@ def test_group_rewards_against_a_loop(name, k):
 
 
 def test_score_group_and_target_rules():
-    no_target = Group(
-        correct=[True],
-        lengths=[5],
-        repeated=[False],
-        after=[0],
-        boxed=[True],
-        target=None,
-        mode="none",
-        limit=100,
-        key="p",
-    )
+    no_target = single(True, 5, limit=100)
     needs_target = [name for name, r in R.REWARDS.items() if r.needs_target]
     assert needs_target == ["lcpo", "lcpo-exact", "lcpo-max", "lcpo-norepeat", "lcpo-noafter"]
     for name in needs_target:
