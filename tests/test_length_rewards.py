@@ -2,6 +2,7 @@
 edge cases, the group rewards against a plain loop over responses, HAPO's history, the repetition measure, the
 --reward flag rules, and the registry (constants, defaults, state) that grpo.py's flags come from."""
 
+import dataclasses
 import inspect
 import math
 import random
@@ -38,19 +39,25 @@ def approx(xs):
     return pytest.approx(xs, **TIGHT)
 
 
-def single(correct, n, target=None, mode="none", limit=10_000, key="p") -> Group:
-    """A group of one response that wrote a \\boxed{} answer, repeats nothing and has nothing after its answer."""
+def group(correct, lengths, boxed=None, limit=100, target=50, key="p", mode="exact"):
+    """A group whose responses repeat nothing and have nothing after their answer; each wrote a \\boxed{} answer
+    unless `boxed` says otherwise."""
     return Group(
-        correct=[correct],
-        lengths=[n],
-        repeated=[False],
-        after=[0],
-        boxed=[True],
+        correct=correct,
+        lengths=lengths,
+        repeated=[False] * len(correct),
+        after=[0] * len(correct),
+        boxed=boxed or [True] * len(correct),
         target=target,
         mode=mode,
         limit=limit,
         key=key,
     )
+
+
+def single(correct, n, target=None, mode="none", limit=10_000, key="p") -> Group:
+    """A group of one response (`group`)."""
+    return group([correct], [n], limit=limit, target=target, key=key, mode=mode)
 
 
 # ------------------------------------------------------------------------------------- L1's reference points
@@ -197,20 +204,6 @@ def test_defaults_at_our_scale():
     assert reward("lcpo-exact")[0] == approx([1 - 0.003, 1 - 0.003, -0.006, -0.015])
 
 
-def group(correct, lengths, boxed=None, limit=100, target=50, key="p"):
-    return Group(
-        correct=correct,
-        lengths=lengths,
-        repeated=[False] * len(correct),
-        after=[0] * len(correct),
-        boxed=boxed or [True] * len(correct),
-        target=target,
-        mode="exact",
-        limit=limit,
-        key=key,
-    )
-
-
 def test_edge_cases_each_paper_defines():
     none_right = group([False] * 3, [10, 20, 30])
     assert reward("efficient", none_right)[0] == [0, 0, 0]
@@ -315,8 +308,7 @@ def test_lcpo_noafter_pays_nothing_for_tokens_after_the_answer():
     assert total == approx([0.9, 0.9 - 0.2, -0.2, -0.5 - 1.0]) and base == [1.0, 1.0, 0.0, 0.0]
     # under the target, answering at the same token and then writing on earns nothing: 30 tokens and an answer at
     # the end score the same as 45 tokens with 15 after the answer (T = 50); the solution written longer does gain
-    padded = Group(**{**G4.__dict__, "correct": [True] * 3, "lengths": [30, 45, 45], "after": [0, 15, 0]})
-    padded = Group(**{**padded.__dict__, "repeated": [False] * 3, "boxed": [True] * 3})
+    padded = dataclasses.replace(group([True] * 3, [30, 45, 45]), after=[0, 15, 0])
     assert reward("lcpo-noafter", padded, alpha_exact=0.01)[0] == approx([0.8, 0.8, 0.95])
     assert reward("lcpo-norepeat", padded, alpha_exact=0.01)[0] == approx([0.8, 0.95, 0.95])  # padding pays there
     as_max = Group(**{**G4.__dict__, "mode": "max"})  # max prompts: lcpo-norepeat's reward, shorter already pays
