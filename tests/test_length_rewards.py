@@ -27,6 +27,7 @@ G4 = Group(
     limit=100,
     key="p0",
 )
+G4_MAX = dataclasses.replace(G4, mode="max")  # the same responses to "Think for maximum 50 tokens."
 
 
 def reward(name, g=G4, history=None, **constants):
@@ -288,7 +289,7 @@ def test_score_group_and_target_rules():
     for name in set(R.REWARDS) - set(needs_target):
         base, length = R.score_group(name, no_target, {}, R.HapoHistory())
         assert len(base) == len(length) == 1
-    mixed = [G4, Group(**{**G4.__dict__, "mode": "max"})]  # lcpo follows each prompt's sentence
+    mixed = [G4, G4_MAX]  # lcpo follows each prompt's sentence
     consts = dict(alpha_exact=0.01, alpha_max=0.01, delta_max=0.5)
     assert [sum(map(sum, R.score_group("lcpo", g, consts))) for g in mixed] == approx([1.1, 1.0])
 
@@ -298,8 +299,8 @@ def test_lcpo_norepeat_takes_the_penalty_from_a_repeating_response_only():
     assert reward("lcpo-norepeat")[0] == approx([1 - 0.003, 1 - 0.003, -0.006, -0.015 - 1.0])
     total, base, length = reward("lcpo-norepeat", repeat_penalty=0.25, alpha_exact=0.01)
     assert total == approx([0.9, 0.9, -0.2, -0.5 - 0.25]) and base == [1.0, 1.0, 0.0, 0.0]
-    as_max = Group(**{**G4.__dict__, "mode": "max"})  # max prompts: lcpo-max's reward, less the same penalty
-    assert reward("lcpo-norepeat", as_max)[0] == approx([0.51, 0.49, 0.0, -1.0])
+    # max prompts: lcpo-max's reward, less the same penalty
+    assert reward("lcpo-norepeat", G4_MAX)[0] == approx([0.51, 0.49, 0.0, -1.0])
 
 
 def test_lcpo_noafter_pays_nothing_for_tokens_after_the_answer():
@@ -311,8 +312,8 @@ def test_lcpo_noafter_pays_nothing_for_tokens_after_the_answer():
     padded = dataclasses.replace(group([True] * 3, [30, 45, 45]), after=[0, 15, 0])
     assert reward("lcpo-noafter", padded, alpha_exact=0.01)[0] == approx([0.8, 0.8, 0.95])
     assert reward("lcpo-norepeat", padded, alpha_exact=0.01)[0] == approx([0.8, 0.95, 0.95])  # padding pays there
-    as_max = Group(**{**G4.__dict__, "mode": "max"})  # max prompts: lcpo-norepeat's reward, shorter already pays
-    assert reward("lcpo-noafter", as_max)[0] == reward("lcpo-norepeat", as_max)[0]
+    # max prompts: lcpo-norepeat's reward, shorter already pays
+    assert reward("lcpo-noafter", G4_MAX)[0] == reward("lcpo-norepeat", G4_MAX)[0]
 
 
 def test_repeats():
@@ -328,7 +329,7 @@ def test_a_reward_is_registered_by_its_decorator(monkeypatch):
     """@reward: a function's keyword parameters are its constants (grpo.py's flags), one default each, shared by
     name; its docstring lines are their help; a reward with a state across steps takes it second."""
     assert inspect.signature(R.lcpo_exact).parameters["alpha_exact"].default == R.CONSTANTS["alpha_exact"].default
-    assert R.lcpo_max(G4) == R.lcpo_max(G4, 0.001, 0.5) == R.lcpo(Group(**{**G4.__dict__, "mode": "max"}))
+    assert R.lcpo_max(G4) == R.lcpo_max(G4, 0.001, 0.5) == R.lcpo(G4_MAX)
     assert R.REWARDS["lcpo"].constants == ("alpha_exact", "alpha_max", "delta_max")
     assert [c.name for c in R.CONSTANTS.values() if c.tokens] == [
         "dapo_cache",
