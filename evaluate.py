@@ -27,6 +27,7 @@ from __future__ import annotations
 # matplotlib, datasets, pyarrow) inside the functions that use them, so a missing one is a clear error there.
 import argparse
 import datetime
+import gzip
 import importlib.metadata
 import json
 import math
@@ -494,7 +495,7 @@ def parse_args(argv=None) -> EvalConfig:
         "--merge",
         nargs="+",
         metavar="DIR",
-        help="generate nothing: combine the samples.jsonl of "
+        help="generate nothing: combine the samples.jsonl (or .gz) of "
         "earlier runs (e.g. the base model, then a checkpoint) into one table and plot in --out",
     )
     p.add_argument(
@@ -635,10 +636,12 @@ def merge_outputs(cfg: EvalConfig, argv: list[str]) -> dict:
     """--merge: records of earlier runs, in the given order, re-summarized over the union of their budgets."""
     records, runs = [], []
     for d in cfg.merge:
-        path = Path(d) / "samples.jsonl"
-        if not path.is_file():
-            raise SystemExit(f"--merge: {path} does not exist (an evaluate.py --out dir has samples.jsonl)")
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # results/ keeps its samples gzipped: either file will do
+        path = next((p for p in (Path(d) / "samples.jsonl", Path(d) / "samples.jsonl.gz") if p.is_file()), None)
+        if path is None:
+            raise SystemExit(f"--merge: {d} has neither samples.jsonl nor samples.jsonl.gz (an evaluate.py --out dir)")
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        recs = [json.loads(line) for line in text.splitlines() if line.strip()]
         clash = {r["model"] for r in recs} & {r["model"] for r in records}
         if clash:
             raise SystemExit(f"--merge: model label(s) {sorted(clash)} of {d} already come from an earlier dir")

@@ -1,6 +1,7 @@
 """evaluate.py: metrics on hand-made records (expected numbers computed by hand), S1 budget forcing on a scripted
 engine and on the embedded model, plots, an end-to-end CLI run, and a 2-process torchrun run merged on rank 0."""
 
+import gzip
 import json
 import math
 import os
@@ -269,6 +270,9 @@ def test_merge_combines_separate_runs(tmp_path):
     for name, recs in (("a", base), ("b", tuned)):
         cfg = evaluate.parse_args(["--budgets", "100", "--out", str(tmp_path / name)])
         evaluate.write_outputs(tmp_path / name, cfg, recs, {}, 1.0)
+    b = tmp_path / "b" / "samples.jsonl"  # results/ keeps samples gzipped; --merge reads either
+    b.with_suffix(".jsonl.gz").write_bytes(gzip.compress(b.read_bytes()))
+    b.unlink()
     summary = evaluate.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
     out = json.loads((tmp_path / "m" / "results.json").read_text())
     assert out["config"]["budgets"] == [100, 200] and out["config"]["labels"] == ["base", "tuned"]
@@ -281,7 +285,7 @@ def test_merge_combines_separate_runs(tmp_path):
     assert out["summary"]["base · exact"]["datasets"]["d"]["budgets"]["100"]["rel_dev"] == pytest.approx(1.0)
     with pytest.raises(SystemExit, match="already come from"):
         evaluate.main(["--merge", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="samples.jsonl"):
+    with pytest.raises(SystemExit, match="neither samples.jsonl nor samples.jsonl.gz"):
         evaluate.main(["--merge", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
 
 
