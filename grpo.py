@@ -433,7 +433,6 @@ def train(cfg: Config) -> None:
         for change in C.check_config(saved["config"], cfg, dist_info.world_size, saved["world_size"], branch):
             log.warning("%s %s: %s", "--branch-from" if branch else "--resume from", resume_from, change)
         C.check_base(saved, resume_from, base)
-    grading.start_grader()  # the grading processes start while the models load
 
     # Model, reference and optimizer. Every rank holds a shard; the engine holds its own full copy.
     policy = M.load_model(model_dir, device=dist_info.device, dtype=base_dtype)

@@ -125,5 +125,10 @@ def test_lora_update_trains_only_the_adapters_the_same_on_two_processes(tiny_mod
     _perturb_adapters(start)
     assert not torch.equal(a["adapters"]["model.layers.0.self_attn.q_proj.lora_A.weight"],
                            start.model.layers[0].self_attn.q_proj.lora_A.weight)  # fmt: skip
+    # The same update up to float32 rounding, which the 2-process reduction orders differently and the two SGD
+    # steps of lr 1 carry on: worst seen 9e-5 of an adapter's update norm (AMD EPYC; 1e-5 elementwise passed on an
+    # Intel Xeon), 350x less in float64. A rank's episodes or gradients lost would be off by tens of percent.
+    initial = dict(start.named_parameters())
     for k in a["adapters"]:
-        assert torch.allclose(a["adapters"][k], b["adapters"][k], atol=1e-5), k
+        err, moved = (a["adapters"][k] - b["adapters"][k]).norm(), (a["adapters"][k] - initial[k]).norm()
+        assert moved > 0 and err <= 1e-3 * moved, (k, float(err), float(moved))

@@ -174,8 +174,13 @@ def _two_nodes(gguf: Path, out: Path, nodes: list[Path], *extra, fault=None, tim
     1's the default under its HOME (~/.cache/lcpo). `fault` (LCPO_FAULT) is node 1's. Returns per agent its exit
     code, when it ended (seconds from the start) and its stderr."""
     port, procs, t0 = free_port(), [], time.monotonic()
+    # vLLM's own cache stays this machine's: in an empty one each engine start first inspects the model class in
+    # a subprocess of its own (vllm/model_executor/models/registry.py), seconds each; the caches under test are ours.
+    vllm_cache = os.environ.get("VLLM_CACHE_ROOT", os.path.expanduser("~/.cache/vllm"))
     for i, node in enumerate(nodes):
-        env = _env(HOME=str(node / "home"), LCPO_DIST_TIMEOUT="120", **({"LCPO_FAULT": fault} if fault and i else {}))
+        env = _env(HOME=str(node / "home"), LCPO_DIST_TIMEOUT="120", VLLM_CACHE_ROOT=vllm_cache)
+        if fault and i:
+            env["LCPO_FAULT"] = fault
         env.pop("LCPO_CACHE", None)
         if i == 0:
             env["LCPO_CACHE"] = str(node / "cache")

@@ -616,12 +616,6 @@ def _vllm_engine_checks(dist_info, model_dir) -> dict:
     for c in (c for g in sampled for c in g):
         assert len(c.logprobs) == len(c.token_ids) and (c.finish_reason == "stop") == (c.token_ids[-1] in eos)
     assert eng.generate(prompts, 4, sampling)[0][0].token_ids != sampled[0][0].token_ids  # same seed: fresh samples
-    # More prompt tokens than one engine step takes (11 x 373 = 4103 against the CPU default of 4096), each request
-    # seeded: vLLM must not split a prefill (on CPU its seeded generator cannot rewind; VLLMEngine turns chunking off).
-    g = torch.Generator().manual_seed(0)
-    long_prompts = [torch.randint(100, 20000, (373,), generator=g).tolist() for _ in range(11)]
-    long_out = eng.generate(long_prompts, 1, SamplingConfig(temperature=0.6, max_new_tokens=2, seed=3, ignore_eos=True))
-    assert [len(grp) for grp in long_out] == [1] * 11 and all(len(grp[0].token_ids) == 2 for grp in long_out)
 
     def trainer_logprobs(net, flat):  # the trainer's log-probs of (prompt, completion) pairs, flat [N]
         with torch.no_grad():
@@ -770,8 +764,16 @@ def _engines_one_after_another(dist_info, first_dir, second_dir) -> dict:
     except RuntimeError as e:
         missing = str(e)
     eng.close()
-    eng = rollout.make_engine("vllm", second_dir, dist_info.device, max_model_len=256, vllm_sleep_mode=False)
+    eng = rollout.make_engine(
+        "vllm", second_dir, dist_info.device, max_model_len=256, max_num_seqs=17, vllm_sleep_mode=False
+    )
     second = eng.generate([[1, 2, 3], [4, 5]], 2, greedy)
+    # More prompt tokens than one engine step takes (17 x 250 = 4250 against the CPU default of 4096), each request
+    # seeded: vLLM must not split a prefill (on CPU its seeded generator cannot rewind; VLLMEngine turns chunking off).
+    # On this tiny model the prefill costs nothing; on SmolLM2 it took 12 s.
+    g = torch.Generator().manual_seed(0)
+    long_prompts = [torch.randint(100, 20000, (250,), generator=g).tolist() for _ in range(17)]
+    long_out = eng.generate(long_prompts, 1, SamplingConfig(temperature=0.6, max_new_tokens=2, seed=3, ignore_eos=True))
     eng.close()
     return {
         "first": [len(c.token_ids) for g in first for c in g],
@@ -779,6 +781,7 @@ def _engines_one_after_another(dist_info, first_dir, second_dir) -> dict:
         "expected": len(weights) - ("lm_head.weight" in weights),  # a tied lm_head is not sent
         "missing": missing,
         "second": [len(c.token_ids) for g in second for c in g],
+        "long": [len(c.token_ids) for grp in long_out for c in grp],
     }
 
 
@@ -787,8 +790,9 @@ def test_vllm_one_sequence_engine_then_another_architecture(vllm_checks):
     """A library caller's make_engine("vllm", ..., max_model_len=512) without max_num_seqs starts (its KV cache
     counts the block vLLM reserves), checks its pushes against the model's parameters, and after close() a second
     engine of another architecture (a tiny Qwen2) starts in the same process: what evaluate.py does with checkpoints
-    of two architectures. On a GPU the same with sleep mode off."""
+    of two architectures; there a batch of seeded prompts larger than one engine step is generated whole. On a GPU
+    the same with sleep mode off."""
     r = vllm_checks["one_after_another"]
-    assert r["first"] == [4] and r["second"] == [4, 4, 4, 4], r
+    assert r["first"] == [4] and r["second"] == [4, 4, 4, 4] and r["long"] == [2] * 17, r
     assert r["pushed"] == r["expected"], r
     assert "left 1 parameter(s) of vLLM's model unwritten: model.norm.weight." in r["missing"], r
