@@ -503,8 +503,6 @@ class VLLMEngine(Engine):
                 "tensors from such weights after loading that a push of the state dict does not make (the push "
                 "serves dense, unquantized models such as Llama and Qwen2); use --engine hf"
             )
-        vllm = _import_vllm()
-        _default_single_process_env()
         self.device, self.dtype, self.seed = torch.device(device), dtype, seed
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         on_cpu = self.device.type == "cpu"
@@ -521,6 +519,8 @@ class VLLMEngine(Engine):
         )
         if kw.get("kv_cache_memory_bytes", one_seq) < one_seq:
             raise ValueError(f"{too_small} (it has {kw['kv_cache_memory_bytes'] / 2**20:.1f} MiB)")
+        vllm = _import_vllm()  # after the checks above: a refusal comes before seconds of importing
+        _default_single_process_env()
         timeout = math.ceil(M.dist_timeout().total_seconds())  # vLLM's own process groups wait as long as ours
         # LLM(...) keyword arguments: vllm/entrypoints/llm.py LLM.__init__ and vllm/engine/arg_utils.py EngineArgs
         # (worker_extension_cls, logprobs_mode, enable_prefix_caching, enable_sleep_mode pass through **kwargs).
