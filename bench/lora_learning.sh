@@ -2,8 +2,11 @@
 # LoRA against full fine-tuning, learning: the CPU LCPO recipe (--preset smollm2-lcpo-cpu-logu, results/) for STEPS
 # steps with the same seed, full fine-tuning at the recipe's learning rate (2e-5) and LoRA r 32 at 3x, 10x and 30x
 # of it; each run's last checkpoint evaluated on held-out arith (100 problems x 4 samples at 32 / 64 / 128 / 256
-# tokens asked), then one table of accuracy, deviation and repetition for all four (KEEP/table.md).
-# About STEPS x 100 s per run on 2 CPU cores, so it runs in parts: run it again and each run continues (--resume).
+# tokens asked), then one table of accuracy, deviation and repetition for all four (KEEP/merged/table.md; KEEP
+# defaults to results/lora-vs-full-smollm2-cpu).
+# A step takes 95-150 s on a 2-core Intel Xeon with AMX (full fine-tuning: an arm of 45 steps in 75-95 min) and
+# 280-300 s for the first steps on a 2-core AMD EPYC with AVX512-BF16 (LoRA r 32; the responses shorten as it
+# trains), so it runs in parts: run it again and each run continues (--resume).
 # A finished arm's evaluation, config and metrics are copied to KEEP (in the repo), and an arm found there is not run
 # again: the comparison survives losing RUNS. ARM names run only those arms (full, lora-r32-3x, -10x, -30x).
 #   bash bench/lora_learning.sh [RUNS] [STEPS] [ARM ...]   (defaults ~/lcpo-runs/lora-vs-full, 45, all four)
