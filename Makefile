@@ -30,7 +30,8 @@ endif
 	touch $@
 
 train: setup
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) grpo.py --preset smollm2-cpu \
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) --shutdown-timeout 600 grpo.py \
+		--preset smollm2-cpu \
 		--target $(TARGET) --out $(RUN) $(ARGS)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) evaluate.py --model smollm2 \
 		$$(ls -d $(RUN)/checkpoints/step_*[0-9] | tail -1)/model --labels untrained trained $(EVAL) --out $(RUN)/eval

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 runs=${1:-$HOME/lcpo-runs/lora-vs-full} steps=${2:-45}
 shift $(($# < 2 ? $# : 2))
 keep=${KEEP:-results/lora-vs-full-smollm2-cpu}
-TR=(env OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2)
+TR=(env OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 --shutdown-timeout 600)
 EVAL=(--data arith --limit 100 --samples 4 --budgets 32 64 128 256 --last-number-fallback --target exact)
 variants=("full:" "lora-r32-3x:--lora-rank 32 --lr 6e-5" "lora-r32-10x:--lora-rank 32 --lr 2e-4"
   "lora-r32-30x:--lora-rank 32 --lr 6e-4")
