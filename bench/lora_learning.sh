@@ -35,7 +35,8 @@ for v in "${variants[@]}"; do
   gzip -c "$out/eval/samples.jsonl" >"$keep/$name/eval/samples.jsonl.gz"
 done
 evals=() labels=()
-for name in full lora-r32-3x lora-r32-10x lora-r32-30x; do
+for v in "${variants[@]}"; do
+  name=${v%%:*}
   [ -f "$keep/$name/eval/results.json" ] && evals+=("$keep/$name/eval") && labels+=("$name")
 done
 if [ ${#evals[@]} -gt 1 ]; then .venv/bin/python evaluate.py --merge "${evals[@]}" --out "$keep/merged"; fi
